@@ -1,0 +1,100 @@
+import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
+import swagger from '@fastify/swagger';
+import swaggerUi from '@fastify/swagger-ui';
+import {
+  jsonSchemaTransform,
+  serializerCompiler,
+  validatorCompiler,
+  type ZodTypeProvider,
+} from 'fastify-type-provider-zod';
+import type { Config } from './config/env.js';
+import type { Database } from './infra/database.js';
+import { loggerOptions } from './infra/logger.js';
+import { registerErrorHandling } from './middleware/errorHandler.js';
+import { registerFakeAuth, requireContext } from './middleware/fakeAuth.middleware.js';
+import { registerMetrics } from './middleware/metrics.js';
+import { genReqId, registerRequestId } from './middleware/requestId.js';
+import { healthRoutes } from './routes/health.route.js';
+import { meRoutes } from './routes/me.route.js';
+import { userRoutes } from './routes/users.route.js';
+import './types/context.js';
+
+export interface AppDeps {
+  config: Config;
+  db: Database;
+  /** The process logger; when absent the app makes its own from the config. */
+  logger?: FastifyBaseLogger;
+}
+
+/**
+ * Builds the HTTP application: hooks in the order every request meets them (request id, metrics,
+ * auth), then routes. Never listens: src/server.ts does, and tests use app.inject().
+ */
+export async function buildApp({ config, db, logger }: AppDeps): Promise<FastifyInstance> {
+  const app = Fastify({
+    ...(logger ? { loggerInstance: logger } : { logger: loggerOptions(config) }),
+    genReqId,
+    requestIdHeader: false,
+    // One access-log line per request (the onResponse hook below), not Fastify's two.
+    logController: new LogController({ requestIdLogLabel: 'requestId', disableRequestLogging: true }),
+    trustProxy: config.trustProxy,
+    bodyLimit: config.bodyLimitBytes,
+    return503OnClosing: true,
+  }).withTypeProvider<ZodTypeProvider>();
+
+  app.setValidatorCompiler(validatorCompiler);
+  app.setSerializerCompiler(serializerCompiler);
+
+  registerRequestId(app);
+  const metrics = registerMetrics(app);
+  if (config.accessLog) {
+    app.addHook('onResponse', (request, reply, done) => {
+      request.log.info(
+        { method: request.method, url: request.url, statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
+        'request completed',
+      );
+      done();
+    });
+  }
+  registerFakeAuth(app, db);
+  registerErrorHandling(app);
+
+  await app.register(swagger, {
+    openapi: {
+      openapi: '3.1.0',
+      info: {
+        title: 'llm-app',
+        version: '0.1.0',
+        description:
+          'Multi-tenant backend for LLM applications. Tenant routes (/v1) need the x-org-id and x-user-id ' +
+          'headers (development authentication).',
+      },
+      components: {
+        securitySchemes: {
+          orgId: { type: 'apiKey', in: 'header', name: 'x-org-id' },
+          userId: { type: 'apiKey', in: 'header', name: 'x-user-id' },
+        },
+      },
+    },
+    transform: jsonSchemaTransform,
+  });
+  await app.register(swaggerUi, { routePrefix: '/docs' });
+
+  await app.register(healthRoutes, { config, db });
+  app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
+    const { contentType, body } = await metrics.scrape();
+    return reply.type(contentType).send(body);
+  });
+  app.get('/openapi.json', { schema: { hide: true } }, async () => app.swagger());
+
+  await app.register(
+    async (v1) => {
+      v1.addHook('onRequest', requireContext);
+      await v1.register(meRoutes, { db });
+      await v1.register(userRoutes, { db });
+    },
+    { prefix: '/v1' },
+  );
+
+  return app;
+}

@@ -1,0 +1,46 @@
+/**
+ * `npm run db:migrate`: applies pending migrations, then (outside production) the seed data.
+ * Exit code 0 on success, 1 on any failure, with the reason on the log.
+ */
+import { ConfigError, loadConfig } from '../config/env.js';
+import { createDatabase } from '../infra/database.js';
+import { createLogger } from '../infra/logger.js';
+import { migrate } from './migrator.js';
+import { seed } from './seed.js';
+
+async function main(): Promise<number> {
+  let config;
+  try {
+    config = loadConfig(process.env, { forServer: false });
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      return 1;
+    }
+    throw err;
+  }
+  const logger = createLogger({ ...config, logLevel: config.logLevel === 'debug' ? 'info' : config.logLevel });
+  logger.info('Starting database migration...');
+  const db = await createDatabase(config.database, logger);
+  try {
+    if (!(await db.health(config.database.kind === 'postgres' ? config.database.connectionTimeoutMs + 1_000 : 30_000))) {
+      logger.error({ database: config.database.kind }, 'Cannot connect to the database');
+      return 1;
+    }
+    logger.info({ database: config.database.kind }, 'Database connection established');
+    const { applied } = await migrate(db, logger);
+    logger.info({ applied: applied.map((m) => m.filename) }, 'Migration completed successfully');
+    if (config.env !== 'production') {
+      logger.info(await seed(db), 'Database seeded');
+    }
+    return 0;
+  } catch (err) {
+    logger.error({ err }, 'Migration failed');
+    return 1;
+  } finally {
+    await db.close();
+    await new Promise<void>((resolve) => logger.flush(() => resolve()));
+  }
+}
+
+process.exitCode = await main();

@@ -1,0 +1,86 @@
+import { STATUS_CODES } from 'node:http';
+
+/**
+ * The closed set of error codes the API returns. Clients switch on `code`, not on the message.
+ * Adding a code means adding its status below; the switch is checked for exhaustiveness.
+ */
+export type ErrorCode =
+  | 'validation_failed'
+  | 'bad_request'
+  | 'unauthorized'
+  | 'forbidden'
+  | 'not_found'
+  | 'route_not_found'
+  | 'email_taken'
+  | 'last_owner'
+  | 'payload_too_large'
+  | 'unsupported_media_type'
+  | 'service_unavailable'
+  | 'internal_error';
+
+export function statusOf(code: ErrorCode): number {
+  switch (code) {
+    case 'validation_failed':
+    case 'bad_request':
+      return 400;
+    case 'unauthorized':
+      return 401;
+    case 'forbidden':
+      return 403;
+    case 'not_found':
+    case 'route_not_found':
+      return 404;
+    case 'email_taken':
+    case 'last_owner':
+      return 409;
+    case 'payload_too_large':
+      return 413;
+    case 'unsupported_media_type':
+      return 415;
+    case 'service_unavailable':
+      return 503;
+    case 'internal_error':
+      return 500;
+  }
+}
+
+export interface ErrorDetail {
+  /** Where the problem is, e.g. "body.email" or "headers.x-org-id". */
+  field: string;
+  message: string;
+}
+
+export class AppError extends Error {
+  readonly statusCode: number;
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly details?: ErrorDetail[],
+    /** Seconds, sent as Retry-After. */
+    readonly retryAfter?: number,
+  ) {
+    super(message);
+    this.name = 'AppError';
+    this.statusCode = statusOf(code);
+  }
+}
+
+export interface ErrorBody {
+  error: string;
+  message: string;
+  code: ErrorCode;
+  requestId: string;
+  details?: ErrorDetail[];
+}
+
+export function errorBody(err: AppError, requestId: string): ErrorBody {
+  return {
+    error: STATUS_CODES[err.statusCode] ?? 'Error',
+    message: err.message,
+    code: err.code,
+    requestId,
+    ...(err.details ? { details: err.details } : {}),
+  };
+}
+
+export const notFound = (what = 'Resource') => new AppError('not_found', `${what} not found`);

@@ -1,0 +1,231 @@
+import { mkdir } from 'node:fs/promises';
+import path from 'node:path';
+import pg from 'pg';
+import type { PGlite as PGliteType, Transaction as PGliteTransaction } from '@electric-sql/pglite';
+import type { Logger } from 'pino';
+import type { DatabaseConfig } from '../config/env.js';
+
+/**
+ * The one door to SQL. Two implementations: PostgreSQL through pg.Pool, and embedded PGlite
+ * (WASM PostgreSQL in this process) so the server runs on a machine with no database server.
+ * Both speak the same SQL dialect, so models and migrations do not know which one they talk to.
+ */
+
+export interface QueryResult<R> {
+  rows: R[];
+  rowCount: number;
+}
+
+export interface Queryable {
+  /** One parameterised statement. Never build `sql` from input: pass values in `params`. */
+  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>>;
+}
+
+export interface Transaction extends Queryable {
+  /** Runs a script of several statements with no parameters (migrations). */
+  exec(sql: string): Promise<void>;
+}
+
+export interface Database extends Queryable {
+  readonly kind: 'postgres' | 'pglite';
+  /** BEGIN … COMMIT around `fn`; ROLLBACK if it throws. */
+  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+  /** True when a trivial query answers within `timeoutMs`; never throws, never hangs longer. */
+  health(timeoutMs: number): Promise<boolean>;
+  close(): Promise<void>;
+}
+
+/** The database cannot be reached or is too slow: a 503 for the client, never a 500. */
+export class DatabaseUnavailableError extends Error {
+  constructor(override readonly cause: unknown) {
+    super('Database unavailable', { cause });
+    this.name = 'DatabaseUnavailableError';
+  }
+}
+
+// SQLSTATE classes and codes that mean "the database is not there right now" rather than "your
+// query is wrong": connection exceptions (08), shutdown (57P0x), too many connections, and a
+// statement cancelled by statement_timeout.
+const UNAVAILABLE_SQLSTATES = new Set(['57P01', '57P02', '57P03', '53300', '57014']);
+const UNAVAILABLE_NODE_CODES = new Set([
+  'ECONNREFUSED',
+  'ECONNRESET',
+  'ETIMEDOUT',
+  'EPIPE',
+  'ENOTFOUND',
+  'EAI_AGAIN',
+  'EHOSTUNREACH',
+  'ENETUNREACH',
+]);
+
+export function isUnavailableError(err: unknown): boolean {
+  if (!(err instanceof Error)) return false;
+  const code = (err as { code?: unknown }).code;
+  if (typeof code === 'string') {
+    if (code.startsWith('08') || UNAVAILABLE_SQLSTATES.has(code) || UNAVAILABLE_NODE_CODES.has(code)) return true;
+  }
+  // pg reports pool/connection timeouts and dropped sockets as plain Errors without a code.
+  return /timeout exceeded when trying to connect|Connection terminated|Query read timeout|connection timeout/i.test(
+    err.message,
+  );
+}
+
+function translate(err: unknown): unknown {
+  return isUnavailableError(err) ? new DatabaseUnavailableError(err) : err;
+}
+
+function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`timed out after ${ms} ms`)), ms);
+  });
+  return Promise.race([p, timeout]).finally(() => clearTimeout(timer));
+}
+
+export async function createDatabase(config: DatabaseConfig, logger: Logger): Promise<Database> {
+  return config.kind === 'postgres' ? createPostgresDatabase(config, logger) : createPgliteDatabase(config.dataDir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// PostgreSQL (pg.Pool)
+
+export function createPostgresDatabase(
+  config: Extract<DatabaseConfig, { kind: 'postgres' }>,
+  logger: Logger,
+): Database {
+  const pool = new pg.Pool({
+    connectionString: config.url,
+    max: config.poolMax,
+    idleTimeoutMillis: config.idleTimeoutMs,
+    connectionTimeoutMillis: config.connectionTimeoutMs,
+    application_name: 'llm-app',
+    keepAlive: true,
+    ...(config.statementTimeoutMs > 0
+      ? {
+          statement_timeout: config.statementTimeoutMs,
+          // A client-side bound too, for a server that stops answering without closing the socket.
+          query_timeout: config.statementTimeoutMs + 1_000,
+        }
+      : {}),
+  });
+  // An idle client losing its connection (server restart, network) emits here; without a
+  // listener Node would crash the process. The pool discards the client and makes a new one.
+  pool.on('error', (err) => {
+    logger.error({ err: { message: err.message, code: (err as { code?: string }).code } }, 'PostgreSQL pool error');
+  });
+
+  const query = async <R>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> => {
+    try {
+      const res = await pool.query(sql, params as unknown[] | undefined);
+      return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
+    } catch (err) {
+      throw translate(err);
+    }
+  };
+
+  return {
+    kind: 'postgres',
+    query,
+    async transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
+      let client: pg.PoolClient;
+      try {
+        client = await pool.connect();
+      } catch (err) {
+        throw translate(err);
+      }
+      const tx: Transaction = {
+        async query<R>(sql: string, params?: readonly unknown[]) {
+          const res = await client.query(sql, params as unknown[] | undefined);
+          return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
+        },
+        async exec(sql: string) {
+          await client.query(sql);
+        },
+      };
+      let broken: Error | undefined;
+      try {
+        await client.query('BEGIN');
+        const result = await fn(tx);
+        await client.query('COMMIT');
+        return result;
+      } catch (err) {
+        try {
+          await client.query('ROLLBACK');
+        } catch (rollbackErr) {
+          // The connection is unusable: release it with an error so the pool destroys it.
+          broken = rollbackErr instanceof Error ? rollbackErr : new Error(String(rollbackErr));
+        }
+        throw translate(err);
+      } finally {
+        client.release(broken);
+      }
+    },
+    async health(timeoutMs: number) {
+      try {
+        await withTimeout(pool.query('SELECT 1'), timeoutMs);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    async close() {
+      await pool.end();
+    },
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Embedded PGlite
+
+/**
+ * `dataDir` is a folder to persist in, or 'memory://' for a throwaway database (tests).
+ * PGlite is a single connection: statements are serialised, and a transaction holds it exclusively.
+ */
+export async function createPgliteDatabase(dataDir: string): Promise<Database> {
+  // Imported lazily: the WASM module costs ~1 s and hundreds of MB, only when it is the one in use.
+  const { PGlite } = await import('@electric-sql/pglite');
+  let db: PGliteType;
+  if (dataDir.startsWith('memory://')) {
+    db = await PGlite.create(dataDir);
+  } else {
+    const dir = path.resolve(dataDir, 'pglite');
+    await mkdir(dir, { recursive: true });
+    db = await PGlite.create(dir);
+  }
+  const wrap = (q: PGliteType | PGliteTransaction): Transaction => ({
+    async query<R>(sql: string, params?: readonly unknown[]) {
+      const res = await q.query<R>(sql, params as unknown[] | undefined);
+      return { rows: res.rows, rowCount: res.affectedRows ?? res.rows.length };
+    },
+    async exec(sql: string) {
+      await q.exec(sql);
+    },
+  });
+  const root = wrap(db);
+  let closed = false;
+  return {
+    kind: 'pglite',
+    query: async (sql, params) => {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      return root.query(sql, params);
+    },
+    transaction: async (fn) => {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      return db.transaction((tx) => fn(wrap(tx)));
+    },
+    async health(timeoutMs: number) {
+      if (closed) return false;
+      try {
+        await withTimeout(db.query('SELECT 1'), timeoutMs);
+        return true;
+      } catch {
+        return false;
+      }
+    },
+    async close() {
+      if (closed) return;
+      closed = true;
+      await db.close();
+    },
+  };
+}

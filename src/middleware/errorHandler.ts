@@ -1,0 +1,57 @@
+import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
+import { AppError, errorBody, type ErrorDetail } from '../errors.js';
+import { DatabaseUnavailableError } from '../infra/database.js';
+
+/**
+ * One error handler and one body shape for every failure. 4xx messages say what to fix;
+ * 5xx messages are generic, and the full error is logged under the request id.
+ */
+
+const DB_RETRY_AFTER_SECONDS = 5;
+
+function validationError(err: FastifyError): AppError {
+  const where = err.validationContext ?? 'request';
+  const details: ErrorDetail[] = (err.validation ?? []).map((v) => {
+    const pathPart = v.instancePath.replace(/^\//, '').replace(/\//g, '.');
+    return { field: pathPart ? `${where}.${pathPart}` : where, message: v.message ?? 'is invalid' };
+  });
+  const first = details[0];
+  const message = first ? `${first.field}: ${first.message}` : 'Invalid request';
+  return new AppError('validation_failed', message, details);
+}
+
+export function toAppError(err: unknown, request: FastifyRequest): AppError {
+  if (err instanceof AppError) return err;
+  if (err instanceof DatabaseUnavailableError) {
+    request.log.warn({ err: err.cause }, 'Database unavailable');
+    return new AppError(
+      'service_unavailable',
+      'The service is temporarily unavailable, please retry',
+      undefined,
+      DB_RETRY_AFTER_SECONDS,
+    );
+  }
+  const fe = err as FastifyError;
+  if (hasZodFastifySchemaValidationErrors(fe) || Array.isArray(fe.validation)) return validationError(fe);
+  // Fastify's own client errors (bad JSON, wrong content type, body too large) carry a status
+  // and a message written for the client; anything else is ours and is not shown.
+  const status = typeof fe.statusCode === 'number' ? fe.statusCode : 500;
+  if (status === 413) return new AppError('payload_too_large', 'Request body is too large');
+  if (status === 415) return new AppError('unsupported_media_type', fe.message || 'Unsupported media type');
+  if (status >= 400 && status < 500) return new AppError('bad_request', fe.message || 'Bad request');
+  request.log.error({ err }, 'Unhandled error');
+  return new AppError('internal_error', 'Internal server error');
+}
+
+export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
+  if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));
+  return reply.code(err.statusCode).type('application/json; charset=utf-8').send(errorBody(err, request.id));
+}
+
+export function registerErrorHandling(app: FastifyInstance): void {
+  app.setErrorHandler((err, request, reply) => sendError(request, reply, toAppError(err, request)));
+  app.setNotFoundHandler((request, reply) =>
+    sendError(request, reply, new AppError('route_not_found', `Route ${request.method} ${(request.url.split('?')[0] ?? '').slice(0, 200)} not found`)),
+  );
+}

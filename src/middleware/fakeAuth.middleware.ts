@@ -1,0 +1,70 @@
+import type { FastifyInstance, FastifyRequest } from 'fastify';
+import { AppError } from '../errors.js';
+import type { Database } from '../infra/database.js';
+import { findAuthIdentity } from '../models/user.model.js';
+import type { RequestContext } from '../types/context.js';
+
+/**
+ * Development stand-in for authentication: the caller says who it is in two headers.
+ * Anyone who can reach the server can act as any user, which is why the server refuses to
+ * start with it in production unless ALLOW_FAKE_AUTH=true (src/config/env.ts).
+ *
+ *   no headers                     -> anonymous (request.context = null)
+ *   one header, or not a UUID      -> 400 naming the header
+ *   unknown/deleted org or user    -> 401
+ *   user of another org            -> 403 "User does not belong to specified organization"
+ *   otherwise                      -> request.context = { userId, orgId, role, email }
+ */
+
+export const ORG_HEADER = 'x-org-id';
+export const USER_HEADER = 'x-user-id';
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function readIdHeader(request: FastifyRequest, name: string): string | undefined {
+  const value = request.headers[name];
+  if (value === undefined) return undefined;
+  if (typeof value !== 'string' || !UUID.test(value.trim())) {
+    throw new AppError('bad_request', `Header ${name} must be a single UUID`, [
+      { field: `headers.${name}`, message: 'must be a UUID' },
+    ]);
+  }
+  return value.trim().toLowerCase();
+}
+
+export function registerFakeAuth(app: FastifyInstance, db: Database): void {
+  app.decorateRequest('context', null);
+  app.addHook('onRequest', async (request) => {
+    const orgId = readIdHeader(request, ORG_HEADER);
+    const userId = readIdHeader(request, USER_HEADER);
+    if (orgId === undefined && userId === undefined) return;
+    if (orgId === undefined || userId === undefined) {
+      const missing = orgId === undefined ? ORG_HEADER : USER_HEADER;
+      throw new AppError('bad_request', `Header ${missing} is required together with ${missing === ORG_HEADER ? USER_HEADER : ORG_HEADER}`, [
+        { field: `headers.${missing}`, message: 'is required' },
+      ]);
+    }
+    const found = await findAuthIdentity(db, orgId, userId);
+    if (!found.orgExists || !found.user) {
+      throw new AppError('unauthorized', 'Unknown organization or user');
+    }
+    if (found.user.orgId !== orgId) {
+      throw new AppError('forbidden', 'User does not belong to specified organization');
+    }
+    request.context = { userId, orgId, role: found.user.role, email: found.user.email };
+    request.log.debug({ userId, orgId, role: found.user.role }, 'Request authenticated');
+  });
+}
+
+/** The caller of a tenant route; anonymous requests get 401. */
+export function contextOf(request: FastifyRequest): RequestContext {
+  if (!request.context) {
+    throw new AppError('unauthorized', `Authentication required: send the ${ORG_HEADER} and ${USER_HEADER} headers`);
+  }
+  return request.context;
+}
+
+/** onRequest hook for tenant routes: refuse anonymous callers before any body is read. */
+export async function requireContext(request: FastifyRequest): Promise<void> {
+  contextOf(request);
+}

@@ -1,0 +1,48 @@
+import type { FastifyInstance } from 'fastify';
+import { collectDefaultMetrics, Histogram, Registry } from 'prom-client';
+
+// Process metrics (CPU, memory, event loop lag, GC) describe the process, not one app instance:
+// collected once per process into their own registry and merged into every scrape.
+let processRegistry: Registry | undefined;
+function getProcessRegistry(): Registry {
+  if (!processRegistry) {
+    processRegistry = new Registry();
+    collectDefaultMetrics({ register: processRegistry });
+  }
+  return processRegistry;
+}
+
+export interface Metrics {
+  readonly registry: Registry;
+  /** The text exposition of every metric, for GET /metrics. */
+  scrape(): Promise<{ contentType: string; body: string }>;
+}
+
+/**
+ * Times every request into a histogram labelled by method, route pattern (never the raw URL,
+ * whose ids would explode the series count) and status code.
+ */
+export function registerMetrics(app: FastifyInstance): Metrics {
+  const registry = new Registry();
+  const duration = new Histogram({
+    name: 'http_request_duration_seconds',
+    help: 'Duration of HTTP requests in seconds',
+    labelNames: ['method', 'route', 'status_code'] as const,
+    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [registry],
+  });
+  app.addHook('onResponse', (request, reply, done) => {
+    duration.observe(
+      { method: request.method, route: request.routeOptions.url ?? 'unmatched', status_code: reply.statusCode },
+      reply.elapsedTime / 1000,
+    );
+    done();
+  });
+  return {
+    registry,
+    async scrape() {
+      const merged = Registry.merge([getProcessRegistry(), registry]);
+      return { contentType: merged.contentType, body: await merged.metrics() };
+    },
+  };
+}

@@ -1,0 +1,250 @@
+import { AppError, notFound } from '../errors.js';
+import type { Database, Queryable, Transaction } from '../infra/database.js';
+import type { RequestContext, Role } from '../types/context.js';
+
+/**
+ * Users always live inside an org: every function takes the org id (or the caller's context)
+ * and every statement filters on it. Soft-deleted users do not exist for any of them.
+ */
+
+export interface User {
+  id: string;
+  orgId: string;
+  email: string;
+  name: string | null;
+  role: Role;
+  createdAt: Date;
+  updatedAt: Date;
+}
+
+interface UserRow {
+  id: string;
+  org_id: string;
+  email: string;
+  name: string | null;
+  role: Role;
+  created_at: Date;
+  updated_at: Date;
+}
+
+const COLUMNS = 'id, org_id, email, name, role, created_at, updated_at';
+
+const toUser = (r: UserRow): User => ({
+  id: r.id,
+  orgId: r.org_id,
+  email: r.email,
+  name: r.name,
+  role: r.role,
+  createdAt: r.created_at,
+  updatedAt: r.updated_at,
+});
+
+export const normaliseEmail = (email: string): string => email.trim().toLowerCase();
+
+// ---------------------------------------------------------------------------------------------
+// Authentication lookup: the one query that runs before the org is trusted.
+
+export interface AuthLookup {
+  orgExists: boolean;
+  /** The live user with this id in a live org, whichever org that is. */
+  user: { id: string; orgId: string; email: string; role: Role } | null;
+}
+
+export async function findAuthIdentity(db: Queryable, orgId: string, userId: string): Promise<AuthLookup> {
+  const { rows } = await db.query<{
+    org_exists: boolean;
+    id: string | null;
+    org_id: string | null;
+    email: string | null;
+    role: Role | null;
+  }>(
+    `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
+            u.id, u.org_id, u.email, u.role
+       FROM (SELECT 1) AS one
+       LEFT JOIN users u ON u.id = $2 AND u.deleted_at IS NULL
+        AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)`,
+    [orgId, userId],
+  );
+  const r = rows[0];
+  return {
+    orgExists: Boolean(r?.org_exists),
+    user: r?.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
+  };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reads
+
+export async function findUserInOrg(db: Queryable, orgId: string, userId: string): Promise<User | null> {
+  const { rows } = await db.query<UserRow>(
+    `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL`,
+    [orgId, userId],
+  );
+  return rows[0] ? toUser(rows[0]) : null;
+}
+
+export interface UserPage {
+  users: User[];
+  nextCursor: string | null;
+}
+
+/**
+ * Keyset pagination in creation order. The cursor is opaque to clients: the last row's
+ * (created_at with microseconds, id), base64url-encoded.
+ */
+export async function listUsersInOrg(
+  db: Queryable,
+  orgId: string,
+  opts: { limit: number; cursor?: string | undefined },
+): Promise<UserPage> {
+  const after = opts.cursor ? decodeCursor(opts.cursor) : null;
+  const { rows } = await db.query<UserRow & { cursor_ts: string }>(
+    `SELECT ${COLUMNS},
+            to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS cursor_ts
+       FROM users
+      WHERE org_id = $1 AND deleted_at IS NULL
+        AND ($2::timestamptz IS NULL OR (created_at, id) > ($2::timestamptz, $3::uuid))
+      ORDER BY created_at, id
+      LIMIT $4`,
+    [orgId, after?.ts ?? null, after?.id ?? null, opts.limit + 1],
+  );
+  const page = rows.slice(0, opts.limit);
+  const last = page[page.length - 1];
+  return {
+    users: page.map(toUser),
+    nextCursor: rows.length > opts.limit && last ? encodeCursor(last.cursor_ts, last.id) : null,
+  };
+}
+
+function encodeCursor(ts: string, id: string): string {
+  return Buffer.from(JSON.stringify([ts, id])).toString('base64url');
+}
+
+const CURSOR_TS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$/;
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+
+function decodeCursor(cursor: string): { ts: string; id: string } {
+  const invalid = new AppError('validation_failed', 'cursor is not a cursor returned by this API', [
+    { field: 'querystring.cursor', message: 'invalid cursor' },
+  ]);
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8'));
+  } catch {
+    throw invalid;
+  }
+  if (
+    !Array.isArray(parsed) ||
+    parsed.length !== 2 ||
+    typeof parsed[0] !== 'string' ||
+    typeof parsed[1] !== 'string' ||
+    !CURSOR_TS.test(parsed[0]) ||
+    !UUID.test(parsed[1]) ||
+    Number.isNaN(Date.parse(parsed[0]))
+  ) {
+    throw invalid;
+  }
+  return { ts: parsed[0], id: parsed[1] };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writes, with the role rules: members read; admins manage members and admins; only owners
+// manage owners; an org always keeps at least one owner.
+
+const canManageUsers = (role: Role) => role === 'owner' || role === 'admin';
+const insufficientRole = (what: string) => new AppError('forbidden', `Your role does not allow you to ${what}`);
+
+/** Serialises user changes within one org, so two concurrent demotions cannot remove both owners. */
+async function lockOrg(tx: Transaction, orgId: string): Promise<void> {
+  const { rowCount } = await tx.query('SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL FOR UPDATE', [orgId]);
+  if (rowCount !== 1) throw notFound('Organization');
+}
+
+async function lockUserInOrg(tx: Transaction, orgId: string, userId: string): Promise<User> {
+  const { rows } = await tx.query<UserRow>(
+    `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL FOR UPDATE`,
+    [orgId, userId],
+  );
+  if (!rows[0]) throw notFound('User');
+  return toUser(rows[0]);
+}
+
+async function assertAnotherOwner(tx: Transaction, orgId: string, exceptUserId: string): Promise<void> {
+  const { rows } = await tx.query<{ n: number }>(
+    `SELECT count(*)::int AS n FROM users
+      WHERE org_id = $1 AND role = 'owner' AND deleted_at IS NULL AND id <> $2`,
+    [orgId, exceptUserId],
+  );
+  if ((rows[0]?.n ?? 0) === 0) {
+    throw new AppError('last_owner', 'An organization must keep at least one owner');
+  }
+}
+
+function isUniqueViolation(err: unknown): boolean {
+  return typeof err === 'object' && err !== null && (err as { code?: unknown }).code === '23505';
+}
+
+export async function createUserInOrg(
+  db: Database,
+  ctx: RequestContext,
+  input: { email: string; name?: string | null | undefined; role: Role },
+): Promise<User> {
+  if (!canManageUsers(ctx.role)) throw insufficientRole('create users');
+  if (input.role === 'owner' && ctx.role !== 'owner') throw insufficientRole('create owners');
+  try {
+    const { rows } = await db.query<UserRow>(
+      `INSERT INTO users (org_id, email, name, role) VALUES ($1, $2, $3, $4) RETURNING ${COLUMNS}`,
+      [ctx.orgId, normaliseEmail(input.email), input.name ?? null, input.role],
+    );
+    return toUser(rows[0]!);
+  } catch (err) {
+    if (isUniqueViolation(err)) {
+      throw new AppError('email_taken', 'A user with this email already exists in this organization');
+    }
+    throw err;
+  }
+}
+
+export async function updateUserInOrg(
+  db: Database,
+  ctx: RequestContext,
+  userId: string,
+  patch: { name?: string | null | undefined; role?: Role | undefined },
+): Promise<User> {
+  if (!canManageUsers(ctx.role)) throw insufficientRole('change users');
+  return db.transaction(async (tx) => {
+    await lockOrg(tx, ctx.orgId);
+    const target = await lockUserInOrg(tx, ctx.orgId, userId);
+    if ((target.role === 'owner' || patch.role === 'owner') && ctx.role !== 'owner') {
+      throw insufficientRole('change owners');
+    }
+    if (target.role === 'owner' && patch.role !== undefined && patch.role !== 'owner') {
+      await assertAnotherOwner(tx, ctx.orgId, target.id);
+    }
+    const { rows } = await tx.query<UserRow>(
+      `UPDATE users
+          SET name = CASE WHEN $3::boolean THEN $4::varchar ELSE name END,
+              role = COALESCE($5::varchar, role)
+        WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL
+        RETURNING ${COLUMNS}`,
+      [ctx.orgId, userId, patch.name !== undefined, patch.name ?? null, patch.role ?? null],
+    );
+    return toUser(rows[0]!);
+  });
+}
+
+export async function softDeleteUserInOrg(db: Database, ctx: RequestContext, userId: string): Promise<void> {
+  if (!canManageUsers(ctx.role)) throw insufficientRole('delete users');
+  await db.transaction(async (tx) => {
+    await lockOrg(tx, ctx.orgId);
+    const target = await lockUserInOrg(tx, ctx.orgId, userId);
+    if (target.role === 'owner') {
+      if (ctx.role !== 'owner') throw insufficientRole('delete owners');
+      await assertAnotherOwner(tx, ctx.orgId, target.id);
+    }
+    await tx.query('UPDATE users SET deleted_at = now() WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL', [
+      ctx.orgId,
+      userId,
+    ]);
+  });
+}

@@ -1,0 +1,43 @@
+import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
+import { z } from 'zod';
+import type { Config } from '../config/env.js';
+import type { Database } from '../infra/database.js';
+import { errors, role } from './schemas.js';
+
+// Load balancers give up after a few seconds: answer "disconnected" well before that.
+export const DB_HEALTH_TIMEOUT_MS = 1_500;
+
+const HealthSchema = z.object({
+  status: z.enum(['ok', 'unavailable']),
+  env: z.string(),
+  timestamp: z.string(),
+  requestId: z.string(),
+  database: z.enum(['connected', 'disconnected']),
+  org: z.string().optional().describe('With valid auth headers: the caller\'s org id'),
+  user: z.object({ id: z.string(), email: z.string(), role }).optional(),
+});
+
+export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database }> = async (app, { config, db }) => {
+  app.get(
+    '/health',
+    {
+      schema: {
+        summary: 'Liveness and database health; with auth headers, who you are',
+        tags: ['health'],
+        response: { 200: HealthSchema, 503: HealthSchema, ...errors(400, 401, 403) },
+      },
+    },
+    async (request, reply) => {
+      const connected = await db.health(DB_HEALTH_TIMEOUT_MS);
+      const ctx = request.context;
+      return reply.code(connected ? 200 : 503).send({
+        status: connected ? 'ok' : 'unavailable',
+        env: config.env,
+        timestamp: new Date().toISOString(),
+        requestId: request.id,
+        database: connected ? 'connected' : 'disconnected',
+        ...(ctx ? { org: ctx.orgId, user: { id: ctx.userId, email: ctx.email, role: ctx.role } } : {}),
+      });
+    },
+  );
+};

@@ -1,0 +1,63 @@
+/**
+ * Process entry: configuration -> database (+ migrations) -> app -> listen.
+ * SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (bounded by
+ * SHUTDOWN_TIMEOUT_MS), close the database, exit 0. A second signal exits at once.
+ */
+import closeWithGrace from 'close-with-grace';
+import { buildApp } from './app.js';
+import { ConfigError, loadConfig, type Config } from './config/env.js';
+import { migrate } from './db/migrator.js';
+import { seed } from './db/seed.js';
+import { createDatabase, type Database } from './infra/database.js';
+import { createLogger } from './infra/logger.js';
+
+let config: Config;
+try {
+  config = loadConfig();
+} catch (err) {
+  if (err instanceof ConfigError) {
+    process.stderr.write(`${err.message}\n`);
+    process.exit(1);
+  }
+  throw err;
+}
+
+const logger = createLogger(config);
+if (config.env === 'production' && config.fakeAuth.enabled) {
+  logger.warn('ALLOW_FAKE_AUTH=true: anyone who can reach this server can act as any user of any organization');
+}
+
+let db: Database | undefined;
+try {
+  db = await createDatabase(config.database, logger);
+  if (config.migrateOnStart) {
+    const { applied } = await migrate(db, logger);
+    if (applied.length > 0) logger.info({ applied: applied.map((m) => m.filename) }, 'Migrations applied');
+    if (config.env !== 'production') await seed(db);
+  }
+} catch (err) {
+  logger.fatal({ err }, 'Cannot prepare the database');
+  await db?.close().catch(() => undefined);
+  process.exit(1);
+}
+
+const app = await buildApp({ config, db, logger });
+
+closeWithGrace({ delay: config.shutdownTimeoutMs, logger }, async ({ signal, err }) => {
+  if (err) logger.error({ err }, 'Shutting down after an error');
+  else logger.info({ signal }, 'Shutting down: finishing in-flight requests');
+  await app.close();
+  await db.close();
+  logger.info('Shutdown complete');
+});
+
+try {
+  await app.listen({ host: config.host, port: config.port });
+  const address = app.server.address();
+  const port = address && typeof address === 'object' ? address.port : config.port;
+  logger.info({ database: config.database.kind, env: config.env, port }, `llm-app listening on http://${config.host}:${port}`);
+} catch (err) {
+  logger.fatal({ err }, 'Cannot listen');
+  await db.close();
+  process.exit(1);
+}

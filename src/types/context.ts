@@ -1,0 +1,17 @@
+export const ROLES = ['owner', 'admin', 'member'] as const;
+export type Role = (typeof ROLES)[number];
+
+/** Who is calling: built once per request by the auth hook, passed down as a plain argument. */
+export interface RequestContext {
+  readonly userId: string;
+  readonly orgId: string;
+  readonly role: Role;
+  readonly email: string;
+}
+
+declare module 'fastify' {
+  interface FastifyRequest {
+    /** Null for anonymous requests (public routes only); tenant routes require it. */
+    context: RequestContext | null;
+  }
+}

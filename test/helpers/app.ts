@@ -1,0 +1,60 @@
+import { randomBytes } from 'node:crypto';
+import type { FastifyInstance } from 'fastify';
+import { buildApp } from '../../src/app.js';
+import { loadConfig, type Config } from '../../src/config/env.js';
+import type { Database } from '../../src/infra/database.js';
+import { createOrg, type Org } from '../../src/models/org.model.js';
+import type { Role } from '../../src/types/context.js';
+import { getTestDb, silentLogger } from './db.js';
+
+export function testConfig(env: Record<string, string> = {}): Config {
+  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', ACCESS_LOG: 'false', ...env }, { isTty: false });
+}
+
+/** The app on the shared test database, for app.inject(). Close it in afterAll. */
+export async function buildTestApp(opts: { db?: Database; env?: Record<string, string> } = {}): Promise<FastifyInstance> {
+  const db = opts.db ?? (await getTestDb());
+  const app = await buildApp({ config: testConfig(opts.env), db, logger: silentLogger });
+  await app.ready();
+  return app;
+}
+
+export const randomSlug = (prefix = 'org') => `${prefix}-${randomBytes(6).toString('hex')}`;
+
+export interface TestUser {
+  id: string;
+  orgId: string;
+  email: string;
+  role: Role;
+  headers: { 'x-org-id': string; 'x-user-id': string };
+}
+
+export interface TestTenant {
+  org: Org;
+  owner: TestUser;
+  admin: TestUser;
+  member: TestUser;
+  addUser(role: Role, email?: string): Promise<TestUser>;
+}
+
+export async function addUser(db: Database, orgId: string, role: Role, email?: string): Promise<TestUser> {
+  const address = email ?? `${role}-${randomBytes(5).toString('hex')}@example.test`;
+  const { rows } = await db.query<{ id: string }>(
+    'INSERT INTO users (org_id, email, name, role) VALUES ($1, $2, $3, $4) RETURNING id',
+    [orgId, address.toLowerCase(), `Test ${role}`, role],
+  );
+  const id = rows[0]!.id;
+  return { id, orgId, email: address.toLowerCase(), role, headers: { 'x-org-id': orgId, 'x-user-id': id } };
+}
+
+/** A fresh organization with one owner, one admin and one member. */
+export async function createTenant(db?: Database): Promise<TestTenant> {
+  const database = db ?? (await getTestDb());
+  const org = await createOrg(database, { name: 'Test Org', slug: randomSlug() });
+  const [owner, admin, member] = [
+    await addUser(database, org.id, 'owner'),
+    await addUser(database, org.id, 'admin'),
+    await addUser(database, org.id, 'member'),
+  ];
+  return { org, owner, admin, member, addUser: (role, email) => addUser(database, org.id, role, email) };
+}

@@ -1,0 +1,6 @@
+import { afterAll } from 'vitest';
+import { closeTestDb } from './db.js';
+
+afterAll(async () => {
+  await closeTestDb();
+});
