@@ -114,7 +114,9 @@ export function createPostgresDatabase(
     logger.error({ err: { message: err.message, code: (err as { code?: string }).code } }, 'PostgreSQL pool error');
   });
 
+  let closed = false;
   const query = async <R>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> => {
+    if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
     try {
       const res = await pool.query(sql, params as unknown[] | undefined);
       return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
@@ -127,6 +129,7 @@ export function createPostgresDatabase(
     kind: 'postgres',
     query,
     async transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
       let client: pg.PoolClient;
       try {
         client = await pool.connect();
@@ -161,6 +164,7 @@ export function createPostgresDatabase(
       }
     },
     async health(timeoutMs: number) {
+      if (closed) return false;
       try {
         await withTimeout(pool.query('SELECT 1'), timeoutMs);
         return true;
@@ -169,6 +173,8 @@ export function createPostgresDatabase(
       }
     },
     async close() {
+      if (closed) return;
+      closed = true;
       await pool.end();
     },
   };
@@ -195,7 +201,8 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
   const wrap = (q: PGliteType | PGliteTransaction): Transaction => ({
     async query<R>(sql: string, params?: readonly unknown[]) {
       const res = await q.query<R>(sql, params as unknown[] | undefined);
-      return { rows: res.rows, rowCount: res.affectedRows ?? res.rows.length };
+      // Like pg: a statement that returns rows counts them; otherwise the rows it changed.
+      return { rows: res.rows, rowCount: res.fields.length > 0 ? res.rows.length : (res.affectedRows ?? 0) };
     },
     async exec(sql: string) {
       await q.exec(sql);

@@ -1,0 +1,119 @@
+import { Writable } from 'node:stream';
+import pg from 'pg';
+import pino from 'pino';
+import { afterAll, describe, expect, it } from 'vitest';
+import {
+  createPostgresDatabase,
+  DatabaseUnavailableError,
+  type Database,
+} from '../src/infra/database.js';
+import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
+
+function capturingLogger() {
+  const lines: Record<string, unknown>[] = [];
+  const stream = new Writable({
+    write(chunk: Buffer, _enc, cb) {
+      lines.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
+      cb();
+    },
+  });
+  return { logger: pino({ level: 'info' }, stream), lines };
+}
+
+describe('Database (either implementation)', () => {
+  it('runs parameterised queries and keeps values out of the SQL text', async () => {
+    const db = await getTestDb();
+    const hostile = "x'); DROP TABLE users; --";
+    const { rows } = await db.query<{ v: string }>('SELECT $1::text AS v', [hostile]);
+    expect(rows).toEqual([{ v: hostile }]);
+    const users = await db.query('SELECT 1 FROM users LIMIT 1');
+    expect(users.rowCount).toBe(1);
+  });
+
+  it('commits a transaction, and rolls it back whole when the function throws', async () => {
+    const db = await getTestDb();
+    const slugA = `tx-${Date.now()}-a`;
+    const slugB = `tx-${Date.now()}-b`;
+    await db.transaction(async (tx) => {
+      await tx.query("INSERT INTO orgs (name, slug) VALUES ('A', $1)", [slugA]);
+    });
+    await expect(
+      db.transaction(async (tx) => {
+        await tx.query("INSERT INTO orgs (name, slug) VALUES ('B', $1)", [slugB]);
+        throw new Error('boom');
+      }),
+    ).rejects.toThrow('boom');
+    const { rows } = await db.query<{ slug: string }>('SELECT slug FROM orgs WHERE slug = ANY($1::text[]) ORDER BY slug', [
+      [slugA, slugB],
+    ]);
+    expect(rows.map((r) => r.slug)).toEqual([slugA]);
+  });
+
+  it('reports health, and is unavailable (not an unknown error) once closed', async () => {
+    const db = await openTestDatabase();
+    expect(await db.health(1_000)).toBe(true);
+    await db.close();
+    expect(await db.health(1_000)).toBe(false);
+    await expect(db.query('SELECT 1')).rejects.toBeInstanceOf(DatabaseUnavailableError);
+  });
+});
+
+describe.skipIf(!onPostgres)('PostgreSQL pool', () => {
+  const opened: Database[] = [];
+  afterAll(async () => {
+    await Promise.all(opened.map((d) => d.close()));
+  });
+
+  const open = (overrides: Partial<{ url: string; statementTimeoutMs: number; connectionTimeoutMs: number }> = {}) => {
+    const { logger, lines } = capturingLogger();
+    const db = createPostgresDatabase(
+      {
+        kind: 'postgres',
+        url: overrides.url ?? testDatabaseUrl!,
+        poolMax: 1,
+        idleTimeoutMs: 30_000,
+        connectionTimeoutMs: overrides.connectionTimeoutMs ?? 2_000,
+        statementTimeoutMs: overrides.statementTimeoutMs ?? 5_000,
+      },
+      logger,
+    );
+    opened.push(db);
+    return { db, lines };
+  };
+
+  it('logs an idle connection killed by the server, does not crash, and serves the next query', async () => {
+    const { db, lines } = open();
+    const { rows } = await db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+    const admin = new pg.Client({ connectionString: testDatabaseUrl });
+    await admin.connect();
+    try {
+      await admin.query('SELECT pg_terminate_backend($1)', [rows[0]!.pid]);
+    } finally {
+      await admin.end();
+    }
+    await expect.poll(() => lines.some((l) => l.msg === 'PostgreSQL pool error'), { timeout: 5_000 }).toBe(true);
+    const after = await db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+    expect(after.rows[0]!.pid).not.toBe(rows[0]!.pid);
+  });
+
+  it('turns a statement timeout into DatabaseUnavailableError', async () => {
+    const { db } = open({ statementTimeoutMs: 200 });
+    await expect(db.query('SELECT pg_sleep(2)')).rejects.toBeInstanceOf(DatabaseUnavailableError);
+  });
+
+  it('turns an unreachable server into DatabaseUnavailableError, quickly, and health false', async () => {
+    const { db } = open({ url: 'postgres://postgres@127.0.0.1:1/none', connectionTimeoutMs: 500 });
+    const started = Date.now();
+    await expect(db.query('SELECT 1')).rejects.toBeInstanceOf(DatabaseUnavailableError);
+    await expect(db.transaction(async () => 1)).rejects.toBeInstanceOf(DatabaseUnavailableError);
+    expect(await db.health(1_000)).toBe(false);
+    expect(Date.now() - started).toBeLessThan(5_000);
+  });
+
+  it('keeps syntax errors as they are (a bug, not an outage)', async () => {
+    const { db } = open();
+    const err: unknown = await db.query('SELEC 1').catch((e: unknown) => e);
+    expect(err).not.toBeInstanceOf(DatabaseUnavailableError);
+    expect((err as { code?: string }).code).toBe('42601');
+  });
+});
