@@ -2,7 +2,7 @@ import type { FastifyInstance, FastifyRequest } from 'fastify';
 import { AppError } from '../errors.js';
 import type { Database } from '../infra/database.js';
 import { findAuthIdentity } from '../models/user.model.js';
-import type { RequestContext } from '../types/context.js';
+import type { RequestContext, Role } from '../types/context.js';
 
 /**
  * Development stand-in for authentication: the caller says who it is in two headers.
@@ -67,4 +67,18 @@ export function contextOf(request: FastifyRequest): RequestContext {
 /** onRequest hook for tenant routes: refuse anonymous callers before any body is read. */
 export async function requireContext(request: FastifyRequest): Promise<void> {
   contextOf(request);
+}
+
+const RANK: Record<Role, number> = { member: 0, admin: 1, owner: 2 };
+
+/**
+ * Route-level guard: callers below `min` get 403 before their body is even parsed. The models
+ * check again, under a lock, with the caller's current role; this only answers early.
+ */
+export function requireRole(min: Role): (request: FastifyRequest) => Promise<void> {
+  return async (request) => {
+    if (RANK[contextOf(request).role] < RANK[min]) {
+      throw new AppError('forbidden', `This requires the ${min} role or higher`);
+    }
+  };
 }

@@ -89,62 +89,56 @@ export interface UserPage {
 }
 
 /**
- * Keyset pagination in creation order. The cursor is opaque to clients: the last row's
- * (created_at with microseconds, id), base64url-encoded.
+ * Keyset pagination in creation order. The cursor is opaque to clients; it names the last user
+ * of the previous page (and nothing else: not a count or a sequence number that would say how
+ * many users other tenants have).
  */
 export async function listUsersInOrg(
   db: Queryable,
   orgId: string,
   opts: { limit: number; cursor?: string | undefined },
 ): Promise<UserPage> {
-  const after = opts.cursor ? decodeCursor(opts.cursor) : null;
-  const { rows } = await db.query<UserRow & { cursor_ts: string }>(
-    `SELECT ${COLUMNS},
-            to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') AS cursor_ts
-       FROM users
-      WHERE org_id = $1 AND deleted_at IS NULL
-        AND ($2::timestamptz IS NULL OR (created_at, id) > ($2::timestamptz, $3::uuid))
-      ORDER BY created_at, id
-      LIMIT $4`,
-    [orgId, after?.ts ?? null, after?.id ?? null, opts.limit + 1],
+  let afterSeq: string | null = null;
+  if (opts.cursor) {
+    const afterId = decodeCursor(opts.cursor);
+    // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
+    const { rows } = await db.query<{ seq: string }>('SELECT seq::text AS seq FROM users WHERE org_id = $1 AND id = $2', [
+      orgId,
+      afterId,
+    ]);
+    if (!rows[0]) throw invalidCursor();
+    afterSeq = rows[0].seq;
+  }
+  const { rows } = await db.query<UserRow>(
+    `SELECT ${COLUMNS} FROM users
+      WHERE org_id = $1 AND deleted_at IS NULL AND ($2::bigint IS NULL OR seq > $2::bigint)
+      ORDER BY seq
+      LIMIT $3`,
+    [orgId, afterSeq, opts.limit + 1],
   );
   const page = rows.slice(0, opts.limit);
   const last = page[page.length - 1];
   return {
     users: page.map(toUser),
-    nextCursor: rows.length > opts.limit && last ? encodeCursor(last.cursor_ts, last.id) : null,
+    nextCursor: rows.length > opts.limit && last ? encodeCursor(last.id) : null,
   };
 }
 
-function encodeCursor(ts: string, id: string): string {
-  return Buffer.from(JSON.stringify([ts, id])).toString('base64url');
-}
-
-const CURSOR_TS = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z$/;
+const CURSOR_PREFIX = 'u1:';
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
 
-function decodeCursor(cursor: string): { ts: string; id: string } {
-  const invalid = new AppError('validation_failed', 'cursor is not a cursor returned by this API', [
-    { field: 'querystring.cursor', message: 'invalid cursor' },
+const encodeCursor = (id: string): string => Buffer.from(CURSOR_PREFIX + id).toString('base64url');
+
+const invalidCursor = () =>
+  new AppError('validation_failed', 'querystring.cursor: is not a cursor returned by this API', [
+    { field: 'querystring.cursor', message: 'is not a cursor returned by this API' },
   ]);
-  let parsed: unknown;
-  try {
-    parsed = JSON.parse(Buffer.from(cursor, 'base64url').toString('utf8'));
-  } catch {
-    throw invalid;
-  }
-  if (
-    !Array.isArray(parsed) ||
-    parsed.length !== 2 ||
-    typeof parsed[0] !== 'string' ||
-    typeof parsed[1] !== 'string' ||
-    !CURSOR_TS.test(parsed[0]) ||
-    !UUID.test(parsed[1]) ||
-    Number.isNaN(Date.parse(parsed[0]))
-  ) {
-    throw invalid;
-  }
-  return { ts: parsed[0], id: parsed[1] };
+
+function decodeCursor(cursor: string): string {
+  const text = Buffer.from(cursor, 'base64url').toString('utf8');
+  const id = text.slice(CURSOR_PREFIX.length);
+  if (!text.startsWith(CURSOR_PREFIX) || !UUID.test(id)) throw invalidCursor();
+  return id;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -154,10 +148,22 @@ function decodeCursor(cursor: string): { ts: string; id: string } {
 const canManageUsers = (role: Role) => role === 'owner' || role === 'admin';
 const insufficientRole = (what: string) => new AppError('forbidden', `Your role does not allow you to ${what}`);
 
-/** Serialises user changes within one org, so two concurrent demotions cannot remove both owners. */
-async function lockOrg(tx: Transaction, orgId: string): Promise<void> {
-  const { rowCount } = await tx.query('SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL FOR UPDATE', [orgId]);
-  if (rowCount !== 1) throw notFound('Organization');
+/**
+ * Serialises user changes within one org (so two concurrent demotions cannot remove both owners)
+ * and returns the caller's role as it is now, under the lock: a caller demoted or deleted while
+ * the request was on its way acts with what they have now, not what they had at authentication.
+ */
+async function lockOrgAsCaller(tx: Transaction, ctx: RequestContext): Promise<Role> {
+  const locked = await tx.query('SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL FOR UPDATE', [ctx.orgId]);
+  // A separate statement on purpose: under READ COMMITTED it takes a new snapshot, so it sees
+  // what a transaction that held the lock before us committed.
+  const { rows } = await tx.query<{ role: Role }>(
+    'SELECT role FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL',
+    [ctx.orgId, ctx.userId],
+  );
+  const role = rows[0]?.role;
+  if (locked.rowCount !== 1 || !role) throw new AppError('unauthorized', 'Unknown organization or user');
+  return role;
 }
 
 async function lockUserInOrg(tx: Transaction, orgId: string, userId: string): Promise<User> {
@@ -190,13 +196,17 @@ export async function createUserInOrg(
   input: { email: string; name?: string | null | undefined; role: Role },
 ): Promise<User> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('create users');
-  if (input.role === 'owner' && ctx.role !== 'owner') throw insufficientRole('create owners');
   try {
-    const { rows } = await db.query<UserRow>(
-      `INSERT INTO users (org_id, email, name, role) VALUES ($1, $2, $3, $4) RETURNING ${COLUMNS}`,
-      [ctx.orgId, normaliseEmail(input.email), input.name ?? null, input.role],
-    );
-    return toUser(rows[0]!);
+    return await db.transaction(async (tx) => {
+      const callerRole = await lockOrgAsCaller(tx, ctx);
+      if (!canManageUsers(callerRole)) throw insufficientRole('create users');
+      if (input.role === 'owner' && callerRole !== 'owner') throw insufficientRole('create owners');
+      const { rows } = await tx.query<UserRow>(
+        `INSERT INTO users (org_id, email, name, role) VALUES ($1, $2, $3, $4) RETURNING ${COLUMNS}`,
+        [ctx.orgId, normaliseEmail(input.email), input.name ?? null, input.role],
+      );
+      return toUser(rows[0]!);
+    });
   } catch (err) {
     if (isUniqueViolation(err)) {
       throw new AppError('email_taken', 'A user with this email already exists in this organization');
@@ -213,9 +223,10 @@ export async function updateUserInOrg(
 ): Promise<User> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('change users');
   return db.transaction(async (tx) => {
-    await lockOrg(tx, ctx.orgId);
+    const callerRole = await lockOrgAsCaller(tx, ctx);
+    if (!canManageUsers(callerRole)) throw insufficientRole('change users');
     const target = await lockUserInOrg(tx, ctx.orgId, userId);
-    if ((target.role === 'owner' || patch.role === 'owner') && ctx.role !== 'owner') {
+    if ((target.role === 'owner' || patch.role === 'owner') && callerRole !== 'owner') {
       throw insufficientRole('change owners');
     }
     if (target.role === 'owner' && patch.role !== undefined && patch.role !== 'owner') {
@@ -236,10 +247,11 @@ export async function updateUserInOrg(
 export async function softDeleteUserInOrg(db: Database, ctx: RequestContext, userId: string): Promise<void> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('delete users');
   await db.transaction(async (tx) => {
-    await lockOrg(tx, ctx.orgId);
+    const callerRole = await lockOrgAsCaller(tx, ctx);
+    if (!canManageUsers(callerRole)) throw insufficientRole('delete users');
     const target = await lockUserInOrg(tx, ctx.orgId, userId);
     if (target.role === 'owner') {
-      if (ctx.role !== 'owner') throw insufficientRole('delete owners');
+      if (callerRole !== 'owner') throw insufficientRole('delete owners');
       await assertAnotherOwner(tx, ctx.orgId, target.id);
     }
     await tx.query('UPDATE users SET deleted_at = now() WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL', [

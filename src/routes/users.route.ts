@@ -2,7 +2,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { notFound } from '../errors.js';
 import type { Database } from '../infra/database.js';
-import { contextOf } from '../middleware/fakeAuth.middleware.js';
+import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
 import {
   createUserInOrg,
   findUserInOrg,
@@ -83,6 +83,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
   app.post(
     '/users',
     {
+      onRequest: requireRole('admin'),
       schema: {
         summary: 'Create a user (admins: members and admins; owners: anyone)',
         tags: ['users'],
@@ -99,6 +100,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
   app.patch(
     '/users/:id',
     {
+      onRequest: requireRole('admin'),
       schema: {
         summary: "Change a user's name or role (only owners touch owners; the last owner stays)",
         tags: ['users'],
@@ -113,6 +115,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
   app.delete(
     '/users/:id',
     {
+      onRequest: requireRole('admin'),
       schema: {
         summary: 'Delete (soft) a user (only owners delete owners; the last owner stays)',
         tags: ['users'],

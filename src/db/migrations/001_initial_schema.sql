@@ -36,6 +36,9 @@ CREATE TABLE users (
   updated_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
   deleted_at  TIMESTAMPTZ,
   metadata    JSONB NOT NULL DEFAULT '{}'::jsonb CHECK (jsonb_typeof(metadata) = 'object'),
+  -- Insertion order, for listing in creation order: created_at alone ties (PGlite's clock has
+  -- millisecond resolution, and one transaction shares one now()).
+  seq         BIGINT GENERATED ALWAYS AS IDENTITY,
   -- Later tenant tables reference users by (org_id, user_id), so a row can never point at
   -- another organisation's user.
   CONSTRAINT users_org_id_id_key UNIQUE (org_id, id)
@@ -44,8 +47,8 @@ CREATE TABLE users (
 -- The same address may exist in different orgs; within one org it is unique among live users
 -- (a soft-deleted user's address can be invited again).
 CREATE UNIQUE INDEX users_org_id_email_key ON users (org_id, email) WHERE deleted_at IS NULL;
--- Listing an org's users in creation order (cursor pagination) and every org-scoped lookup.
-CREATE INDEX users_org_id_created_at_idx ON users (org_id, created_at, id);
+-- Listing an org's users in creation order (keyset pagination on seq) and every org-scoped lookup.
+CREATE INDEX users_org_id_seq_idx ON users (org_id, seq);
 
 CREATE TRIGGER users_set_updated_at BEFORE UPDATE ON users
   FOR EACH ROW EXECUTE FUNCTION set_updated_at();
