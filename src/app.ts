@@ -11,10 +11,10 @@ import {
 import type { Config } from './config/env.js';
 import type { Database } from './infra/database.js';
 import { loggerOptions } from './infra/logger.js';
-import { registerErrorHandling } from './middleware/errorHandler.js';
+import { registerErrorHandling, sendError, toAppError } from './middleware/errorHandler.js';
 import { registerFakeAuth, requireContext } from './middleware/fakeAuth.middleware.js';
 import { registerMetrics } from './middleware/metrics.js';
-import { genReqId, registerRequestId } from './middleware/requestId.js';
+import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
 import { healthRoutes } from './routes/health.route.js';
 import { meRoutes } from './routes/me.route.js';
 import { userRoutes } from './routes/users.route.js';
@@ -41,7 +41,29 @@ export async function buildApp({ config, db, logger }: AppDeps): Promise<Fastify
     trustProxy: config.trustProxy,
     bodyLimit: config.bodyLimitBytes,
     return503OnClosing: true,
+    // Long ids reach the params schema and get its 400, instead of the router's bare 414.
+    routerOptions: { maxParamLength: 16_384 },
+    // Malformed URLs and the like fail before any hook runs: same body shape, same header.
+    frameworkErrors: (err, request, reply) => {
+      void reply.header(REQUEST_ID_HEADER, request.id);
+      void sendError(request, reply, toAppError(err, request));
+    },
   }).withTypeProvider<ZodTypeProvider>();
+
+  // JSON only: a text/plain body is a 415, not a string handed to the body schema.
+  app.removeContentTypeParser('text/plain');
+
+  // While shutting down, ask keep-alive clients to close: an idle kept-alive socket would
+  // otherwise hold app.close() open until the shutdown timeout.
+  let closing = false;
+  app.addHook('preClose', (done) => {
+    closing = true;
+    done();
+  });
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (closing) void reply.header('connection', 'close');
+    done(null, payload);
+  });
 
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);

@@ -40,13 +40,11 @@ const postgresUrl = z
   )
   .optional();
 
-const makeSchema = (forServer: boolean) =>
-  z
-  .object({
+const schema = z.object({
     NODE_ENV: z
       .enum(['development', 'test', 'production'], { message: 'must be development, test or production' })
       .default('development'),
-    HOST: z.string().min(1, 'must not be empty').default('127.0.0.1'),
+    HOST: z.string().trim().min(1, 'must not be empty').default('127.0.0.1'),
     PORT: int(3000, 0, 65535),
     LOG_LEVEL: z
       .enum(['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'], {
@@ -57,7 +55,7 @@ const makeSchema = (forServer: boolean) =>
     ACCESS_LOG: bool(true),
 
     DATABASE_URL: postgresUrl,
-    DATA_DIR: z.string().min(1, 'must not be empty').default('./.data'),
+    DATA_DIR: z.string().trim().min(1, 'must not be empty').default('./.data'),
     DATABASE_POOL_MAX: int(10, 1, 1000),
     DATABASE_IDLE_TIMEOUT_MS: int(10_000, 0, 3_600_000),
     DATABASE_CONNECTION_TIMEOUT_MS: int(2_000, 100, 60_000),
@@ -68,21 +66,9 @@ const makeSchema = (forServer: boolean) =>
     TRUST_PROXY: bool(false),
     BODY_LIMIT_BYTES: int(1_048_576, 1_024, 100 * 1_048_576),
     SHUTDOWN_TIMEOUT_MS: int(10_000, 0, 600_000),
-  })
-  .superRefine((c, ctx) => {
-    // The header stand-in lets anyone act as anyone: it must never ship by accident.
-    if (forServer && c.NODE_ENV === 'production' && !c.ALLOW_FAKE_AUTH) {
-      ctx.addIssue({
-        code: 'custom',
-        path: ['ALLOW_FAKE_AUTH'],
-        message:
-          'fake header authentication (x-org-id / x-user-id) is the only authentication method and is refused ' +
-          'when NODE_ENV=production; set ALLOW_FAKE_AUTH=true to run it anyway (anyone can act as any user)',
-      });
-    }
-  });
+});
 
-type Parsed = z.infer<ReturnType<typeof makeSchema>>;
+type Parsed = z.infer<typeof schema>;
 
 export interface Config {
   readonly env: Parsed['NODE_ENV'];
@@ -127,11 +113,19 @@ export function loadConfig(
 ): Config {
   // Empty strings count as unset, as in most .env tooling.
   const input = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ''));
-  const result = makeSchema(opts.forServer ?? true).safeParse(input);
-  if (!result.success) {
-    const problems = result.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
-    throw new ConfigError([...new Set(problems)].sort());
+  const result = schema.safeParse(input);
+  const problems = result.success
+    ? []
+    : result.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
+  // Checked on the raw input, so it is reported together with any other bad variable.
+  // The header stand-in lets anyone act as anyone: it must never ship by accident.
+  if ((opts.forServer ?? true) && input.NODE_ENV === 'production' && !['true', '1'].includes(input.ALLOW_FAKE_AUTH ?? '')) {
+    problems.push(
+      'ALLOW_FAKE_AUTH: fake header authentication (x-org-id / x-user-id) is the only authentication method and is ' +
+        'refused when NODE_ENV=production; set ALLOW_FAKE_AUTH=true to run it anyway (anyone can act as any user)',
+    );
   }
+  if (!result.success || problems.length > 0) throw new ConfigError([...new Set(problems)].sort());
   const c = result.data;
   const isTty = opts.isTty ?? Boolean(process.stdout.isTTY);
   return deepFreeze({

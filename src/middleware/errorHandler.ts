@@ -46,7 +46,13 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
 
 export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
   if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));
-  return reply.code(err.statusCode).type('application/json; charset=utf-8').send(errorBody(err, request.id));
+  // Serialised here, not by the route's response schema: an error (a 503 from the auth hook on
+  // /health, say) must never be forced into the shape of that route's success body.
+  return reply
+    .code(err.statusCode)
+    .type('application/json; charset=utf-8')
+    .serializer(JSON.stringify)
+    .send(errorBody(err, request.id));
 }
 
 export function registerErrorHandling(app: FastifyInstance): void {

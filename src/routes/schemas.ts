@@ -7,8 +7,9 @@ import { ROLES } from '../types/context.js';
 
 export const uuid = (what: string) => z.guid({ message: `${what} must be a UUID` });
 
-// Printable text only: control characters in names end up in logs, CSVs and e-mails.
-const NO_CONTROL_CHARS = /^[^\p{Cc}]*$/u;
+// Printable text only: control characters in names end up in logs, CSVs and e-mails; a lone
+// surrogate cannot be stored as sent (it would come back as U+FFFD).
+const NO_CONTROL_CHARS = /^[^\p{Cc}\p{Cs}]*$/u;
 export const personName = z
   .string()
   .trim()
