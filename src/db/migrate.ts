@@ -3,7 +3,8 @@
  * Exit code 0 on success, 1 on any failure, with the reason on the log.
  */
 import { ConfigError, loadConfig } from '../config/env.js';
-import { createDatabase } from '../infra/database.js';
+import { createDatabase, DatabaseUnavailableError } from '../infra/database.js';
+import type { DatabaseConfig } from '../config/env.js';
 import { createLogger } from '../infra/logger.js';
 import { migrate } from './migrator.js';
 import { seed } from './seed.js';
@@ -23,11 +24,17 @@ async function main(): Promise<number> {
   logger.info('Starting database migration...');
   const db = await createDatabase(config.database, logger);
   try {
-    if (!(await db.health(config.database.kind === 'postgres' ? config.database.connectionTimeoutMs + 1_000 : 30_000))) {
-      logger.error({ database: config.database.kind }, 'Cannot connect to the database');
+    try {
+      await db.query('SELECT 1');
+    } catch (err) {
+      const cause = err instanceof DatabaseUnavailableError ? err.cause : err;
+      logger.error(
+        { database: describeTarget(config.database), err: { code: (cause as { code?: unknown }).code, message: (cause as Error).message } },
+        'Cannot connect to the database',
+      );
       return 1;
     }
-    logger.info({ database: config.database.kind }, 'Database connection established');
+    logger.info({ database: describeTarget(config.database) }, 'Database connection established');
     const { applied } = await migrate(db, logger);
     logger.info({ applied: applied.map((m) => m.filename) }, 'Migration completed successfully');
     if (config.env !== 'production') {
@@ -41,6 +48,13 @@ async function main(): Promise<number> {
     await db.close();
     await new Promise<void>((resolve) => logger.flush(() => resolve()));
   }
+}
+
+/** Where we connect, for messages: host, port and database, never the password. */
+function describeTarget(db: DatabaseConfig): string {
+  if (db.kind === 'pglite') return `embedded database in ${db.dataDir}`;
+  const u = new URL(db.url);
+  return `postgres ${u.hostname}:${u.port || '5432'}${u.pathname}`;
 }
 
 process.exitCode = await main();

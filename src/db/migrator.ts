@@ -3,7 +3,7 @@ import { readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { Logger } from 'pino';
-import type { Database } from '../infra/database.js';
+import { isUnavailableError, type Database } from '../infra/database.js';
 
 /**
  * Applies src/db/migrations/NNN_name.sql in order. Written here rather than taken from a library
@@ -31,8 +31,8 @@ export interface MigrationFile {
 }
 
 export class MigrationError extends Error {
-  constructor(message: string) {
-    super(message);
+  constructor(message: string, options?: ErrorOptions) {
+    super(message, options);
     this.name = 'MigrationError';
   }
 }
@@ -100,7 +100,12 @@ export async function migrate(db: Database, logger: Logger, dir: string = MIGRAT
       }
       const pending = files.find((f) => !byVersion.has(f.version));
       if (!pending) return null;
-      await tx.exec(pending.sql);
+      try {
+        await tx.exec(pending.sql);
+      } catch (err) {
+        if (isUnavailableError(err)) throw err;
+        throw new MigrationError(`Migration ${pending.filename} failed: ${(err as Error).message}`, { cause: err });
+      }
       await tx.query('INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)', [
         pending.version,
         pending.name,
