@@ -18,11 +18,16 @@ import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/req
 import { healthRoutes } from './routes/health.route.js';
 import { meRoutes } from './routes/me.route.js';
 import { userRoutes } from './routes/users.route.js';
+import { usageRoutes } from './routes/usage.route.js';
+import { registerIpLimit, registerOrgLimit, type RateLimiter } from './ratelimit/index.js';
+import { AppError } from './errors.js';
+import underPressure from '@fastify/under-pressure';
 import './types/context.js';
 
 export interface AppDeps {
   config: Config;
   db: Database;
+  limiter: RateLimiter;
   /** The process logger; when absent the app makes its own from the config. */
   logger?: FastifyBaseLogger;
 }
@@ -31,7 +36,7 @@ export interface AppDeps {
  * Builds the HTTP application: hooks in the order every request meets them (request id, metrics,
  * auth), then routes. Never listens: src/server.ts does, and tests use app.inject().
  */
-export async function buildApp({ config, db, logger }: AppDeps): Promise<FastifyInstance> {
+export async function buildApp({ config, db, limiter, logger }: AppDeps): Promise<FastifyInstance> {
   const app = Fastify({
     ...(logger ? { loggerInstance: logger } : { logger: loggerOptions(config) }),
     genReqId,
@@ -69,7 +74,16 @@ export async function buildApp({ config, db, logger }: AppDeps): Promise<Fastify
   app.setSerializerCompiler(serializerCompiler);
 
   registerRequestId(app);
-  const metrics = registerMetrics(app);
+  if (config.loadShedMaxEventLoopDelayMs > 0) {
+    // Answer 503 at once while the event loop lags, rather than queueing work we cannot do.
+    await app.register(underPressure, {
+      maxEventLoopDelay: config.loadShedMaxEventLoopDelayMs,
+      pressureHandler: (request, reply) => {
+        void sendError(request, reply, new AppError('service_unavailable', 'The server is overloaded, please retry', undefined, 1));
+      },
+    });
+  }
+  const metrics = registerMetrics(app, limiter);
   if (config.accessLog) {
     app.addHook('onResponse', (request, reply, done) => {
       request.log.info(
@@ -79,6 +93,7 @@ export async function buildApp({ config, db, logger }: AppDeps): Promise<Fastify
       done();
     });
   }
+  registerIpLimit(app, limiter, config);
   registerFakeAuth(app, db);
   registerErrorHandling(app);
 
@@ -104,7 +119,7 @@ export async function buildApp({ config, db, logger }: AppDeps): Promise<Fastify
   });
   await app.register(swaggerUi, { routePrefix: '/docs' });
 
-  await app.register(healthRoutes, { config, db });
+  await app.register(healthRoutes, { config, db, limiter });
   app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
     const { contentType, body } = await metrics.scrape();
     return reply.type(contentType).send(body);
@@ -114,8 +129,10 @@ export async function buildApp({ config, db, logger }: AppDeps): Promise<Fastify
   await app.register(
     async (v1) => {
       v1.addHook('onRequest', requireContext);
+      registerOrgLimit(v1, limiter, config);
       await v1.register(meRoutes, { db });
       await v1.register(userRoutes, { db });
+      await v1.register(usageRoutes, { config, limiter });
     },
     { prefix: '/v1' },
   );

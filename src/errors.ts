@@ -13,6 +13,8 @@ export type ErrorCode =
   | 'route_not_found'
   | 'email_taken'
   | 'last_owner'
+  | 'rate_limited'
+  | 'quota_exceeded'
   | 'payload_too_large'
   | 'unsupported_media_type'
   | 'service_unavailable'
@@ -35,6 +37,9 @@ export function statusOf(code: ErrorCode): number {
       return 409;
     case 'payload_too_large':
       return 413;
+    case 'rate_limited':
+    case 'quota_exceeded':
+      return 429;
     case 'unsupported_media_type':
       return 415;
     case 'service_unavailable':

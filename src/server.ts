@@ -1,5 +1,5 @@
 /**
- * Process entry: configuration -> database (+ migrations) -> app -> listen.
+ * Process entry: configuration -> database (+ migrations) -> rate limiter -> app -> listen.
  * SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (bounded by
  * SHUTDOWN_TIMEOUT_MS), close the database, exit 0. A second signal exits at once.
  */
@@ -10,6 +10,7 @@ import { migrate } from './db/migrator.js';
 import { seed } from './db/seed.js';
 import { createDatabase, type Database } from './infra/database.js';
 import { createLogger } from './infra/logger.js';
+import { createRateLimiter } from './ratelimit/index.js';
 
 let config: Config;
 try {
@@ -41,12 +42,14 @@ try {
   process.exit(1);
 }
 
-const app = await buildApp({ config, db, logger });
+const rateLimiter = createRateLimiter(config, db, logger);
+const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger });
 
 closeWithGrace({ delay: config.shutdownTimeoutMs, logger }, async ({ signal, err }) => {
   if (err) logger.error({ err }, 'Shutting down after an error');
   else logger.info({ signal }, 'Shutting down: finishing in-flight requests');
   await app.close();
+  await rateLimiter.close(); // writes the last usage batch, so it goes before the database
   await db.close();
   logger.info('Shutdown complete');
 });
@@ -58,6 +61,7 @@ try {
   logger.info({ database: config.database.kind, env: config.env, port }, `llm-app listening on http://${config.host}:${port}`);
 } catch (err) {
   logger.fatal({ err }, 'Cannot listen');
+  await rateLimiter.close();
   await db.close();
   process.exit(1);
 }

@@ -29,6 +29,7 @@ function expectUnavailableHealth(res: LightMyRequestResponse): void {
     timestamp: expect.stringMatching(/^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}/),
     requestId: res.headers['x-request-id'],
     database: 'disconnected',
+    rateLimiter: 'memory',
   });
 }
 

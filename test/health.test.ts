@@ -21,6 +21,7 @@ describe('GET /health', () => {
       timestamp: expect.stringMatching(/^\d{4}-\d{2}-\d{2}T/),
       requestId: res.headers['x-request-id'],
       database: 'connected',
+      rateLimiter: 'memory',
     });
   });
 

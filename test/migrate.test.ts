@@ -449,7 +449,7 @@ describe('migrate() on a fresh database', () => {
       const err = await rejectionOf(migrate(db, silentLogger, dir));
       // The runner names the file and keeps the database's own error as the cause.
       expect(err).toBeInstanceOf(MigrationError);
-      expect((err as Error).message).toContain(broken);
+      expect((err).message).toContain(broken);
       expect(messageChain(err)).toMatch(/syntax error/i);
       expect(await tableExists(db, 'half_done')).toBe(false);
       expect(await tableExists(db, 'after_broken')).toBe(false);

@@ -12,6 +12,7 @@ const newUserBody = () => ({ email: `sec-${randomBytes(5).toString('hex')}@examp
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/me', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/users', okStatus: 200 });
+describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 });
 describeTenantRouteSecurity({ method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 });
 describeTenantRouteSecurity({
@@ -130,6 +131,7 @@ describe('fake auth on the public GET /health', () => {
       timestamp: expect.any(String),
       requestId: res.headers['x-request-id'],
       database: 'connected',
+      rateLimiter: 'memory',
       org: a.org.id,
       user: { id: a.member.id, email: a.member.email, role: 'member' },
     });

@@ -1,4 +1,5 @@
 import { z } from 'zod';
+import type { OrgLimits } from '../ratelimit/types.js';
 
 /**
  * The only place that reads process.env. Every variable is declared here with its default;
@@ -24,6 +25,34 @@ const int = (defaultValue: number, min: number, max: number) =>
       }
       return n;
     });
+
+const num = (defaultValue: number, min: number, max: number) =>
+  z
+    .string()
+    .default(String(defaultValue))
+    .transform((v, ctx) => {
+      const n = Number(v);
+      if (!/^\s*\d+(\.\d+)?\s*$/.test(v) || !Number.isFinite(n) || n < min || n > max) {
+        ctx.addIssue({ code: 'custom', message: `must be a number between ${min} and ${max}` });
+        return z.NEVER;
+      }
+      return n;
+    });
+
+const redisUrl = z
+  .string()
+  .refine(
+    (v) => {
+      try {
+        const u = new URL(v);
+        return (u.protocol === 'redis:' || u.protocol === 'rediss:') && u.hostname !== '';
+      } catch {
+        return false;
+      }
+    },
+    { message: 'must be a redis:// or rediss:// URL with a host' },
+  )
+  .optional();
 
 const postgresUrl = z
   .string()
@@ -66,6 +95,23 @@ const schema = z.object({
     TRUST_PROXY: bool(false),
     BODY_LIMIT_BYTES: int(1_048_576, 1_024, 100 * 1_048_576),
     SHUTDOWN_TIMEOUT_MS: int(10_000, 0, 600_000),
+
+    REDIS_URL: redisUrl,
+    REDIS_CLUSTER: bool(false),
+    REDIS_COMMAND_TIMEOUT_MS: int(250, 10, 10_000),
+    ORG_RATE_LIMIT_BURST: int(200, 0, 1_000_000_000),
+    ORG_RATE_LIMIT_PER_SECOND: num(100, 0, 1_000_000_000),
+    USER_RATE_LIMIT_BURST: int(50, 0, 1_000_000_000),
+    USER_RATE_LIMIT_PER_SECOND: num(20, 0, 1_000_000_000),
+    ORG_DAILY_REQUEST_CAP: int(100_000, 0, Number.MAX_SAFE_INTEGER),
+    ORG_MONTHLY_REQUEST_CAP: int(2_000_000, 0, Number.MAX_SAFE_INTEGER),
+    ORG_MAX_CONCURRENT_REQUESTS: int(50, 0, 1_000_000),
+    IP_RATE_LIMIT_PER_MINUTE: int(600, 0, 1_000_000_000),
+    RATE_LIMIT_FALLBACK_SHARE: num(1, 0.001, 1),
+    RATE_LIMIT_MEMORY_MAX_KEYS: int(100_000, 100, 100_000_000),
+    RATE_LIMIT_SLOT_TTL_MS: int(600_000, 1_000, 86_400_000),
+    USAGE_FLUSH_INTERVAL_MS: int(2_000, 50, 5_000),
+    LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: int(1_000, 0, 60_000),
 });
 
 type Parsed = z.infer<typeof schema>;
@@ -83,6 +129,23 @@ export interface Config {
   readonly trustProxy: boolean;
   readonly bodyLimitBytes: number;
   readonly shutdownTimeoutMs: number;
+  /** Null: no Redis, the limiter runs in memory (one instance). */
+  readonly redis: { readonly url: string; readonly cluster: boolean; readonly commandTimeoutMs: number } | null;
+  readonly rateLimit: RateLimitConfig;
+  /** 0 turns load shedding off. */
+  readonly loadShedMaxEventLoopDelayMs: number;
+}
+
+export interface RateLimitConfig {
+  /** Limits of an org without its own row in org_limits. 0 means no limit. */
+  readonly defaults: OrgLimits;
+  /** Anonymous and failed-auth requests per client IP and minute. */
+  readonly ipPerMinute: number;
+  /** While Redis is unreachable, each instance enforces this fraction of every limit in memory. */
+  readonly fallbackShare: number;
+  readonly memoryMaxKeys: number;
+  readonly slotTtlMs: number;
+  readonly usageFlushIntervalMs: number;
 }
 
 export type DatabaseConfig =
@@ -150,6 +213,24 @@ export function loadConfig(
     trustProxy: c.TRUST_PROXY,
     bodyLimitBytes: c.BODY_LIMIT_BYTES,
     shutdownTimeoutMs: c.SHUTDOWN_TIMEOUT_MS,
+    redis: c.REDIS_URL ? { url: c.REDIS_URL, cluster: c.REDIS_CLUSTER, commandTimeoutMs: c.REDIS_COMMAND_TIMEOUT_MS } : null,
+    rateLimit: {
+      defaults: {
+        orgBurst: c.ORG_RATE_LIMIT_BURST,
+        orgPerSecond: c.ORG_RATE_LIMIT_PER_SECOND,
+        userBurst: c.USER_RATE_LIMIT_BURST,
+        userPerSecond: c.USER_RATE_LIMIT_PER_SECOND,
+        dailyCap: c.ORG_DAILY_REQUEST_CAP,
+        monthlyCap: c.ORG_MONTHLY_REQUEST_CAP,
+        maxConcurrent: c.ORG_MAX_CONCURRENT_REQUESTS,
+      },
+      ipPerMinute: c.IP_RATE_LIMIT_PER_MINUTE,
+      fallbackShare: c.RATE_LIMIT_FALLBACK_SHARE,
+      memoryMaxKeys: c.RATE_LIMIT_MEMORY_MAX_KEYS,
+      slotTtlMs: c.RATE_LIMIT_SLOT_TTL_MS,
+      usageFlushIntervalMs: c.USAGE_FLUSH_INTERVAL_MS,
+    },
+    loadShedMaxEventLoopDelayMs: c.LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS,
   } satisfies Config);
 }
 

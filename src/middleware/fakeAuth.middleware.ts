@@ -34,6 +34,7 @@ function readIdHeader(request: FastifyRequest, name: string): string | undefined
 
 export function registerFakeAuth(app: FastifyInstance, db: Database): void {
   app.decorateRequest('context', null);
+  app.decorateRequest('orgLimitOverrides', null);
   app.addHook('onRequest', async (request) => {
     const orgId = readIdHeader(request, ORG_HEADER);
     const userId = readIdHeader(request, USER_HEADER);
@@ -52,6 +53,7 @@ export function registerFakeAuth(app: FastifyInstance, db: Database): void {
       throw new AppError('forbidden', 'User does not belong to specified organization');
     }
     request.context = { userId, orgId, role: found.user.role, email: found.user.email };
+    request.orgLimitOverrides = found.limitOverrides;
     request.log.debug({ userId, orgId, role: found.user.role }, 'Request authenticated');
   });
 }

@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
-import { collectDefaultMetrics, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { RateLimiter } from '../ratelimit/index.js';
 
 // Process metrics (CPU, memory, event loop lag, GC) describe the process, not one app instance:
 // collected once per process into their own registry and merged into every scrape.
@@ -22,7 +23,7 @@ export interface Metrics {
  * Times every request into a histogram labelled by method, route pattern (never the raw URL,
  * whose ids would explode the series count) and status code.
  */
-export function registerMetrics(app: FastifyInstance): Metrics {
+export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Metrics {
   const registry = new Registry();
   const duration = new Histogram({
     name: 'http_request_duration_seconds',
@@ -31,6 +32,27 @@ export function registerMetrics(app: FastifyInstance): Metrics {
     buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
     registers: [registry],
   });
+  // Read from the limiter at scrape time: nothing is added to the request path.
+  new Gauge({
+    name: 'rate_limiter_degraded',
+    help: '1 while Redis is unreachable and this instance limits in memory',
+    registers: [registry],
+    collect() {
+      this.set(limiter.mode === 'degraded' ? 1 : 0);
+    },
+  });
+  const decisions = new Counter({
+    name: 'rate_limit_decisions_total',
+    help: 'Org rate limit decisions since start, by result and the limit that refused',
+    labelNames: ['result', 'reason'] as const,
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc({ result: 'allowed', reason: 'none' }, limiter.stats.allowed);
+      for (const [reason, n] of Object.entries(limiter.stats.refused)) this.inc({ result: 'refused', reason }, n);
+    },
+  });
+  void decisions;
   app.addHook('onResponse', (request, reply, done) => {
     duration.observe(
       { method: request.method, route: request.routeOptions.url ?? 'unmatched', status_code: reply.statusCode },

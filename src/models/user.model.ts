@@ -1,6 +1,7 @@
 import { AppError, notFound } from '../errors.js';
 import type { Database, Queryable, Transaction } from '../infra/database.js';
 import type { RequestContext, Role } from '../types/context.js';
+import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
 
 /**
  * Users always live inside an org: every function takes the org id (or the caller's context)
@@ -48,6 +49,11 @@ export interface AuthLookup {
   orgExists: boolean;
   /** The live user with this id in a live org, whichever org that is. */
   user: { id: string; orgId: string; email: string; role: Role } | null;
+  /**
+   * The claimed org's limit overrides, read in the same round trip so a change made with the
+   * limits CLI applies to the very next request.
+   */
+  limitOverrides: OrgLimitOverrides;
 }
 
 export async function findAuthIdentity(db: Queryable, orgId: string, userId: string): Promise<AuthLookup> {
@@ -59,16 +65,18 @@ export async function findAuthIdentity(db: Queryable, orgId: string, userId: str
     role: Role | null;
   }>(
     `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
-            u.id, u.org_id, u.email, u.role
+            u.id, u.org_id, u.email, u.role, ${ORG_LIMITS_SELECT}
        FROM (SELECT 1) AS one
        LEFT JOIN users u ON u.id = $2 AND u.deleted_at IS NULL
-        AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)`,
+        AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)
+       LEFT JOIN org_limits l ON l.org_id = $1`,
     [orgId, userId],
   );
   const r = rows[0];
   return {
     orgExists: Boolean(r?.org_exists),
     user: r?.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
+    limitOverrides: r ? overridesFromRow(r) : {},
   };
 }
 

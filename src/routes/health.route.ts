@@ -2,6 +2,7 @@ import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
+import type { RateLimiter } from '../ratelimit/index.js';
 import { errors, role } from './schemas.js';
 
 // Load balancers give up after a few seconds: answer "disconnected" well before that.
@@ -13,11 +14,17 @@ const HealthSchema = z.object({
   timestamp: z.string(),
   requestId: z.string(),
   database: z.enum(['connected', 'disconnected']),
+  rateLimiter: z
+    .enum(['redis', 'memory', 'degraded'])
+    .describe('redis: shared limits; memory: this instance only (no REDIS_URL); degraded: Redis unreachable, limiting in memory'),
   org: z.string().optional().describe('With valid auth headers: the caller\'s org id'),
   user: z.object({ id: z.string(), email: z.string(), role }).optional(),
 });
 
-export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database }> = async (app, { config, db }) => {
+export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database; limiter: RateLimiter }> = async (
+  app,
+  { config, db, limiter },
+) => {
   app.get(
     '/health',
     {
@@ -36,6 +43,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database 
         timestamp: new Date().toISOString(),
         requestId: request.id,
         database: connected ? 'connected' : 'disconnected',
+        rateLimiter: limiter.mode,
         ...(ctx ? { org: ctx.orgId, user: { id: ctx.userId, email: ctx.email, role: ctx.role } } : {}),
       });
     },

@@ -83,4 +83,4 @@ export function errors<const S extends readonly number[]>(...statuses: S): { [K 
 }
 
 /** Every tenant route needs the auth headers; documenting them once. */
-export const AUTH_ERRORS = [400, 401, 403, 503] as const;
+export const AUTH_ERRORS = [400, 401, 403, 429, 503] as const;

@@ -1,3 +1,5 @@
+import type { OrgLimitOverrides } from '../models/orgLimits.model.js';
+
 export const ROLES = ['owner', 'admin', 'member'] as const;
 export type Role = (typeof ROLES)[number];
 
@@ -13,5 +15,7 @@ declare module 'fastify' {
   interface FastifyRequest {
     /** Null for anonymous requests (public routes only); tenant routes require it. */
     context: RequestContext | null;
+    /** The caller's org's limit overrides (org_limits), read with the authentication lookup. */
+    orgLimitOverrides: OrgLimitOverrides | null;
   }
 }

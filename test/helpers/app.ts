@@ -1,20 +1,35 @@
 import { randomBytes } from 'node:crypto';
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/app.js';
+import { createRateLimiter } from '../../src/ratelimit/index.js';
 import { loadConfig, type Config } from '../../src/config/env.js';
 import type { Database } from '../../src/infra/database.js';
 import { createOrg, type Org } from '../../src/models/org.model.js';
 import type { Role } from '../../src/types/context.js';
 import { getTestDb, silentLogger } from './db.js';
 
+/** Limits are off unless a test turns them on: other suites send many requests from one address. */
+export const LIMITS_OFF: Record<string, string> = {
+  ORG_RATE_LIMIT_BURST: '0',
+  USER_RATE_LIMIT_BURST: '0',
+  ORG_DAILY_REQUEST_CAP: '0',
+  ORG_MONTHLY_REQUEST_CAP: '0',
+  ORG_MAX_CONCURRENT_REQUESTS: '0',
+  IP_RATE_LIMIT_PER_MINUTE: '0',
+  LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: '0',
+};
+
 export function testConfig(env: Record<string, string> = {}): Config {
-  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', ACCESS_LOG: 'false', ...env }, { isTty: false });
+  return loadConfig({ NODE_ENV: 'test', LOG_LEVEL: 'silent', ACCESS_LOG: 'false', ...LIMITS_OFF, ...env }, { isTty: false });
 }
 
 /** The app on the shared test database, for app.inject(). Close it in afterAll. */
 export async function buildTestApp(opts: { db?: Database; env?: Record<string, string> } = {}): Promise<FastifyInstance> {
   const db = opts.db ?? (await getTestDb());
-  const app = await buildApp({ config: testConfig(opts.env), db, logger: silentLogger });
+  const config = testConfig(opts.env);
+  const rateLimiter = createRateLimiter(config, db, silentLogger);
+  const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger: silentLogger });
+  app.addHook('onClose', () => rateLimiter.close());
   await app.ready();
   return app;
 }

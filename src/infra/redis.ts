@@ -1,0 +1,52 @@
+import { Cluster, Redis, type RedisOptions } from 'ioredis';
+import type { Logger } from 'pino';
+import type { Config } from '../config/env.js';
+
+export type RedisClient = Redis | Cluster;
+
+/**
+ * An ioredis client tuned to fail fast: a command that cannot be sent is refused at once (no
+ * offline queue) and one that gets no answer fails after commandTimeoutMs. Callers fall back
+ * instead of waiting; the client keeps reconnecting in the background.
+ */
+export function createRedisClient(config: NonNullable<Config['redis']>, logger: Logger): RedisClient {
+  const options: RedisOptions = {
+    enableOfflineQueue: false,
+    commandTimeout: config.commandTimeoutMs,
+    maxRetriesPerRequest: 0,
+    connectTimeout: Math.max(1_000, config.commandTimeoutMs * 4),
+    retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2_000),
+    lazyConnect: false,
+  };
+  const client: RedisClient = config.cluster
+    ? new Cluster([seedNode(config.url)], {
+        redisOptions: { ...options, ...credentials(config.url) },
+        enableOfflineQueue: false,
+        clusterRetryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2_000),
+      })
+    : new Redis(config.url, options);
+  // Without a listener an 'error' event would crash the process; the limiter reports outages.
+  let lastLogged = 0;
+  client.on('error', (err: Error) => {
+    const now = Date.now();
+    if (now - lastLogged > 60_000) {
+      lastLogged = now;
+      logger.warn({ err: { message: err.message, code: (err as { code?: unknown }).code } }, 'Redis connection error');
+    }
+  });
+  return client;
+}
+
+function seedNode(url: string): { host: string; port: number } {
+  const u = new URL(url);
+  return { host: u.hostname, port: Number(u.port || 6379) };
+}
+
+function credentials(url: string): Pick<RedisOptions, 'username' | 'password' | 'tls'> {
+  const u = new URL(url);
+  return {
+    ...(u.username ? { username: decodeURIComponent(u.username) } : {}),
+    ...(u.password ? { password: decodeURIComponent(u.password) } : {}),
+    ...(u.protocol === 'rediss:' ? { tls: {} } : {}),
+  };
+}

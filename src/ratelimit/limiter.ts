@@ -1,0 +1,356 @@
+import { randomUUID } from 'node:crypto';
+import type { Logger } from 'pino';
+import type { RateLimitConfig } from '../config/env.js';
+import { utcPeriods, type Periods } from './periods.js';
+import type { AcquireRequest, Decision, LimiterBackend, OrgLimits, Refusal } from './types.js';
+import type { UsageRecorder } from './usage.js';
+
+/**
+ * Puts the backends together: Redis (shared by every instance) or memory, a memory fallback
+ * while Redis fails, cap counters rebuilt from PostgreSQL, and an in-process "blocked until"
+ * memory so an org (or IP) that is being refused costs no round trip for a while.
+ */
+
+export type LimiterMode = 'memory' | 'redis' | 'degraded';
+
+export interface Admission {
+  readonly allowed: boolean;
+  readonly refusedBy?: Refusal;
+  readonly retryAfterSeconds: number;
+  /** Null when no limit applied (all off) or the refusal came from the in-process block list. */
+  readonly decision: Decision | null;
+  readonly periods: Periods;
+  readonly nowMs: number;
+  /** Frees the concurrency slot; safe to call more than once. */
+  readonly release: () => void;
+}
+
+export interface LimiterStats {
+  allowed: number;
+  refused: Record<Refusal, number>;
+  fallbackDecisions: number;
+}
+
+interface Blocked {
+  untilMs: number;
+  retryAtMs: number;
+  refusedBy: Refusal;
+}
+
+// A refusal is remembered for at most this long: a limit raised with the CLI (or a bucket that
+// refilled) is seen again within a second, and a flood costs one backend call per second.
+const MAX_BLOCK_MS = 1_000;
+const RECOVERY_PROBE_MS = 1_000;
+
+const NO_RELEASE = () => undefined;
+
+/**
+ * How long a refusal may be answered from memory. For a bucket: until enough tokens can have
+ * come back. `remaining` is rounded down, so this errs toward refusing at most one token's time
+ * too long, never toward admitting more than the limit.
+ */
+function blockMs(d: Decision, limits: OrgLimits, cost: number): number {
+  switch (d.refusedBy) {
+    case 'org_rate':
+      return ((cost - d.org.remaining) / limits.orgPerSecond) * 1000;
+    case 'user_rate':
+      return ((cost - d.user.remaining) / limits.userPerSecond) * 1000;
+    case 'daily_cap':
+    case 'monthly_cap':
+      return d.retryAfterSeconds * 1000;
+    case 'concurrency':
+    case undefined:
+      return 0;
+  }
+}
+
+/** A bounded Map that forgets its oldest entries: a flood of distinct keys cannot grow it. */
+class BoundedMap<K, V> extends Map<K, V> {
+  constructor(private readonly max: number) {
+    super();
+  }
+  override set(key: K, value: V): this {
+    if (!this.has(key) && this.size >= this.max) {
+      const oldest = this.keys().next().value;
+      if (oldest !== undefined) this.delete(oldest);
+    }
+    return super.set(key, value);
+  }
+}
+
+const isOff = (l: OrgLimits) =>
+  !(l.orgBurst > 0 && l.orgPerSecond > 0) &&
+  !(l.userBurst > 0 && l.userPerSecond > 0) &&
+  l.dailyCap === 0 &&
+  l.monthlyCap === 0 &&
+  l.maxConcurrent === 0;
+
+export interface RateLimiterDeps {
+  primary: LimiterBackend;
+  /** Memory backend used while the primary (Redis) fails; null when the primary is memory. */
+  fallback: LimiterBackend | null;
+  usage: UsageRecorder;
+  config: RateLimitConfig;
+  logger: Logger;
+  /** Answers when Redis is reachable again (PING). */
+  probe?: () => Promise<unknown>;
+}
+
+export class RateLimiter {
+  private degraded = false;
+  private probeTimer: NodeJS.Timeout | null = null;
+  private readonly blocked: BoundedMap<string, Blocked>;
+  /** Last cap usage seen from the shared backend, per org: the floor for a fallback seed. */
+  private readonly lastKnown: BoundedMap<string, { day: string; dayUsed: number; month: string; monthUsed: number }>;
+  /** Usage at the moment the fallback took over an org: the fallback shares only what is left. */
+  private readonly fallbackBase: BoundedMap<string, { day: string; dayUsed: number; monthUsed: number }>;
+  private readonly instance = randomUUID().slice(0, 8);
+  private slotSeq = 0;
+  readonly stats: LimiterStats = {
+    allowed: 0,
+    refused: { org_rate: 0, user_rate: 0, daily_cap: 0, monthly_cap: 0, concurrency: 0 },
+    fallbackDecisions: 0,
+  };
+
+  constructor(private readonly deps: RateLimiterDeps) {
+    const max = deps.config.memoryMaxKeys;
+    this.blocked = new BoundedMap(max);
+    this.lastKnown = new BoundedMap(max);
+    this.fallbackBase = new BoundedMap(max);
+  }
+
+  get mode(): LimiterMode {
+    if (!this.deps.fallback) return 'memory';
+    return this.degraded ? 'degraded' : 'redis';
+  }
+
+  /** Admission of one authenticated request of an org. */
+  async acquireOrg(args: { orgId: string; userId: string; limits: OrgLimits; cost?: number; nowMs?: number }): Promise<Admission> {
+    const nowMs = args.nowMs ?? Date.now();
+    const cost = args.cost ?? 1;
+    const periods = utcPeriods(nowMs);
+    if (isOff(args.limits)) {
+      this.deps.usage.record(args.orgId, periods.day, periods.month, cost);
+      this.stats.allowed++;
+      return { allowed: true, retryAfterSeconds: 0, decision: null, periods, nowMs, release: NO_RELEASE };
+    }
+    const block =
+      this.checkBlocked(`o:${args.orgId}`, nowMs) ?? this.checkBlocked(`u:${args.orgId}:${args.userId}`, nowMs);
+    if (block) return this.refusedFromBlock(block, periods, nowMs);
+
+    const slotId = `${this.instance}:${++this.slotSeq}`;
+    const { decision, backend } = await this.decide(args.orgId, {
+      orgId: args.orgId,
+      userId: args.userId,
+      limits: args.limits,
+      cost,
+      nowMs,
+      ...periods,
+      slotId,
+      slotTtlMs: this.deps.config.slotTtlMs,
+    });
+    this.rememberUsage(args.orgId, periods, decision, backend);
+    if (!decision.allowed) {
+      const refusedBy = decision.refusedBy ?? 'org_rate';
+      this.stats.refused[refusedBy]++;
+      if (refusedBy !== 'concurrency') {
+        const key = refusedBy === 'user_rate' ? `u:${args.orgId}:${args.userId}` : `o:${args.orgId}`;
+        this.block(key, nowMs, blockMs(decision, args.limits, cost), decision.retryAfterSeconds, refusedBy);
+      }
+      return { allowed: false, refusedBy, retryAfterSeconds: decision.retryAfterSeconds, decision, periods, nowMs, release: NO_RELEASE };
+    }
+    this.stats.allowed++;
+    this.deps.usage.record(args.orgId, periods.day, periods.month, cost);
+    let released = args.limits.maxConcurrent === 0;
+    return {
+      allowed: true,
+      retryAfterSeconds: 0,
+      decision,
+      periods,
+      nowMs,
+      release: () => {
+        if (released) return;
+        released = true;
+        // A slot that cannot be freed (Redis down) expires after slotTtlMs.
+        backend.release(args.orgId, slotId).catch(() => undefined);
+      },
+    };
+  }
+
+  /** Admission of one anonymous or failed-auth request from a client address. */
+  async acquireIp(ip: string, perMinute: number, nowMs = Date.now()): Promise<{ allowed: boolean; retryAfterSeconds: number }> {
+    const key = `ip:${ip}`;
+    const block = this.checkBlocked(key, nowMs);
+    if (block) return { allowed: false, retryAfterSeconds: Math.max(1, Math.ceil((block.retryAtMs - nowMs) / 1000)) };
+    const periods = utcPeriods(nowMs);
+    const { decision } = await this.decide(key, {
+      orgId: key,
+      userId: '-',
+      limits: {
+        orgBurst: perMinute,
+        orgPerSecond: perMinute / 60,
+        userBurst: 0,
+        userPerSecond: 0,
+        dailyCap: 0,
+        monthlyCap: 0,
+        maxConcurrent: 0,
+      },
+      cost: 1,
+      nowMs,
+      ...periods,
+      slotId: '-',
+      slotTtlMs: this.deps.config.slotTtlMs,
+    });
+    const perSecond = perMinute / 60;
+    if (!decision.allowed) {
+      this.block(key, nowMs, ((1 - decision.org.remaining) / perSecond) * 1000, decision.retryAfterSeconds, 'org_rate');
+    } else if (decision.org.remaining < 1) {
+      // The address has just spent its last token: refuse its next attempt in process, before
+      // any database lookup (a failed authentication is only charged after it has happened).
+      this.block(key, nowMs, 1000 / perSecond, Math.max(1, Math.ceil(1 / perSecond)), 'org_rate');
+    }
+    return { allowed: decision.allowed, retryAfterSeconds: decision.retryAfterSeconds };
+  }
+
+  /** Is this client address currently refused? No backend call: only the in-process memory. */
+  isIpBlocked(ip: string, nowMs = Date.now()): number {
+    const b = this.checkBlocked(`ip:${ip}`, nowMs);
+    return b ? Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)) : 0;
+  }
+
+  /** Durable usage plus this process's unflushed part (for reports when no counter was read). */
+  usageOf(orgId: string, day: string, month: string): Promise<{ day: number; month: number }> {
+    return this.deps.usage.load(orgId, day, month);
+  }
+
+  async close(): Promise<void> {
+    if (this.probeTimer) clearInterval(this.probeTimer);
+    this.probeTimer = null;
+    await this.deps.usage.close();
+    await this.deps.primary.close();
+    await this.deps.fallback?.close();
+  }
+
+  // -------------------------------------------------------------------------------------------
+
+  private async decide(partition: string, req: AcquireRequest): Promise<{ decision: Decision; backend: LimiterBackend }> {
+    if (!this.degraded || !this.deps.fallback) {
+      try {
+        return { decision: await this.withSeed(this.deps.primary, partition, req, false), backend: this.deps.primary };
+      } catch (err) {
+        if (!this.deps.fallback) throw err;
+        this.enterDegraded(err);
+      }
+    }
+    this.stats.fallbackDecisions++;
+    const fallback = this.deps.fallback;
+    return { decision: await this.withSeed(fallback, partition, this.shareOf(partition, req), true), backend: fallback };
+  }
+
+  /** acquire(); when the cap counters are missing, load the usage and acquire again with it. */
+  private async withSeed(backend: LimiterBackend, partition: string, req: AcquireRequest, isFallback: boolean): Promise<Decision> {
+    const first = await backend.acquire(req);
+    if (!first.needsSeed) return first;
+    const seed = await this.seedFor(partition, req);
+    if (isFallback) this.fallbackBase.set(partition, { day: req.day, dayUsed: seed.day, monthUsed: seed.month });
+    const seeded = isFallback ? this.shareOf(partition, { ...req, seed }) : { ...req, seed };
+    return backend.acquire(seeded);
+  }
+
+  private async seedFor(partition: string, req: AcquireRequest): Promise<{ day: number; month: number }> {
+    const stored = await this.deps.usage.load(partition, req.day, req.month);
+    const known = this.lastKnown.get(partition);
+    if (!known || known.month !== req.month) return stored;
+    return {
+      day: Math.max(stored.day, known.day === req.day ? known.dayUsed : 0),
+      month: Math.max(stored.month, known.monthUsed),
+    };
+  }
+
+  /**
+   * While Redis is down every instance limits on its own, so each takes `fallbackShare` of every
+   * limit; of the caps, only of what was left when the fallback took over the org.
+   */
+  private shareOf(partition: string, req: AcquireRequest): AcquireRequest {
+    const share = this.deps.config.fallbackShare;
+    if (share >= 1) return req;
+    const l = req.limits;
+    const scale = (n: number) => (n > 0 ? Math.max(1, Math.floor(n * share)) : 0);
+    const base = this.fallbackBase.get(partition);
+    const cap = (limit: number, used: number) => (limit > 0 ? used + Math.floor(Math.max(0, limit - used) * share) : 0);
+    return {
+      ...req,
+      limits: {
+        orgBurst: scale(l.orgBurst),
+        orgPerSecond: l.orgPerSecond * share,
+        userBurst: scale(l.userBurst),
+        userPerSecond: l.userPerSecond * share,
+        dailyCap: base && base.day === req.day ? cap(l.dailyCap, base.dayUsed) : scale(l.dailyCap),
+        monthlyCap: base ? cap(l.monthlyCap, base.monthUsed) : scale(l.monthlyCap),
+        maxConcurrent: scale(l.maxConcurrent),
+      },
+    };
+  }
+
+  private rememberUsage(partition: string, periods: Periods, d: Decision, backend: LimiterBackend): void {
+    if (backend !== this.deps.primary || !this.deps.fallback) return;
+    this.lastKnown.set(partition, { day: periods.day, dayUsed: d.dayUsed, month: periods.month, monthUsed: d.monthUsed });
+  }
+
+  private enterDegraded(err: unknown): void {
+    if (this.degraded) return;
+    this.degraded = true;
+    this.deps.logger.error(
+      { err: { message: (err as Error).message } },
+      'Rate limiter degraded: Redis is unreachable; limiting in memory on this instance until it returns',
+    );
+    this.probeTimer = setInterval(() => void this.probe(), RECOVERY_PROBE_MS);
+    this.probeTimer.unref();
+  }
+
+  private async probe(): Promise<void> {
+    if (!this.deps.probe) return;
+    try {
+      await this.deps.probe();
+    } catch {
+      return;
+    }
+    if (this.probeTimer) clearInterval(this.probeTimer);
+    this.probeTimer = null;
+    this.degraded = false;
+    this.fallbackBase.clear();
+    this.deps.logger.info('Rate limiter recovered: limiting on Redis again');
+  }
+
+  private block(key: string, nowMs: number, forMs: number, retryAfterSeconds: number, refusedBy: Refusal): void {
+    if (!(forMs > 0)) return;
+    this.blocked.set(key, {
+      untilMs: nowMs + Math.min(forMs, MAX_BLOCK_MS),
+      retryAtMs: nowMs + retryAfterSeconds * 1000,
+      refusedBy,
+    });
+  }
+
+  private checkBlocked(key: string, nowMs: number): Blocked | undefined {
+    const b = this.blocked.get(key);
+    if (!b) return undefined;
+    if (nowMs >= b.untilMs) {
+      this.blocked.delete(key);
+      return undefined;
+    }
+    return b;
+  }
+
+  private refusedFromBlock(b: Blocked, periods: Periods, nowMs: number): Admission {
+    this.stats.refused[b.refusedBy]++;
+    return {
+      allowed: false,
+      refusedBy: b.refusedBy,
+      retryAfterSeconds: Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)),
+      decision: null,
+      periods,
+      nowMs,
+      release: NO_RELEASE,
+    };
+  }
+}

@@ -1,0 +1,68 @@
+import { randomUUID } from 'node:crypto';
+import type { AcquireRequest, OrgLimits } from '../../src/ratelimit/types.js';
+
+/** Every limit off. */
+export const OFF: OrgLimits = {
+  orgBurst: 0,
+  orgPerSecond: 0,
+  userBurst: 0,
+  userPerSecond: 0,
+  dailyCap: 0,
+  monthlyCap: 0,
+  maxConcurrent: 0,
+};
+
+export function limits(partial: Partial<OrgLimits>): OrgLimits {
+  return { ...OFF, ...partial };
+}
+
+/** A simulated "now" well inside a day and a month (backends take the caller's clock). */
+export const T0 = Date.UTC(2031, 0, 15, 12, 0, 0);
+
+export const NO_USAGE = { day: 0, month: 0 } as const;
+
+export interface Period {
+  readonly day: string;
+  readonly month: string;
+  readonly dayEndsMs: number;
+  readonly monthEndsMs: number;
+}
+
+/** The UTC calendar periods of a instant, as the caller computes them. */
+export function periodOf(nowMs: number): Period {
+  const d = new Date(nowMs);
+  const y = d.getUTCFullYear();
+  const m = d.getUTCMonth();
+  const iso = d.toISOString();
+  return {
+    day: iso.slice(0, 10),
+    month: iso.slice(0, 7),
+    dayEndsMs: Date.UTC(y, m, d.getUTCDate() + 1),
+    monthEndsMs: Date.UTC(y, m + 1, 1),
+  };
+}
+
+export interface RequestOptions {
+  readonly cost?: number;
+  readonly slotId?: string;
+  readonly slotTtlMs?: number;
+  readonly seed?: { readonly day: number; readonly month: number };
+}
+
+export function request(orgId: string, userId: string, lim: OrgLimits, nowMs: number, opts: RequestOptions = {}): AcquireRequest {
+  return {
+    orgId,
+    userId,
+    limits: lim,
+    cost: opts.cost ?? 1,
+    nowMs,
+    ...periodOf(nowMs),
+    slotId: opts.slotId ?? randomUUID(),
+    slotTtlMs: opts.slotTtlMs ?? 60_000,
+    ...(opts.seed === undefined ? {} : { seed: opts.seed }),
+  };
+}
+
+export function newOrgId(): string {
+  return randomUUID();
+}
