@@ -43,6 +43,10 @@ try {
 }
 
 const rateLimiter = createRateLimiter(config, db, logger);
+// Give Redis a moment, so the first requests are not limited in memory for want of a connection.
+if (!(await rateLimiter.ready(3_000))) {
+  logger.warn('Redis is not reachable yet: limiting in memory on this instance until it is');
+}
 const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger });
 
 closeWithGrace({ delay: config.shutdownTimeoutMs, logger }, async ({ signal, err }) => {

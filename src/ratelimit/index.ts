@@ -19,6 +19,8 @@ export type { OrgLimits, Decision, Refusal } from './types.js';
 
 export interface RateLimiterHandle {
   limiter: RateLimiter;
+  /** Resolves true once Redis is connected (at once without Redis), false after `timeoutMs`. */
+  ready(timeoutMs: number): Promise<boolean>;
   /** Closes the limiter (flushing usage to the database), then its Redis connection. */
   close(): Promise<void>;
 }
@@ -29,7 +31,7 @@ export function createRateLimiter(config: Config, db: Database, logger: Logger):
   const memory = createMemoryBackend({ maxKeys: config.rateLimit.memoryMaxKeys });
   if (!config.redis) {
     const limiter = new RateLimiter({ primary: memory, fallback: null, usage, config: config.rateLimit, logger });
-    return { limiter, close: () => limiter.close() };
+    return { limiter, ready: () => Promise.resolve(true), close: () => limiter.close() };
   }
   const client: RedisClient = createRedisClient(config.redis, logger);
   const limiter = new RateLimiter({
@@ -42,6 +44,20 @@ export function createRateLimiter(config: Config, db: Database, logger: Logger):
   });
   return {
     limiter,
+    ready: (timeoutMs) =>
+      client.status === 'ready'
+        ? Promise.resolve(true)
+        : new Promise<boolean>((resolve) => {
+            const timer = setTimeout(() => {
+              client.off('ready', onReady);
+              resolve(false);
+            }, timeoutMs);
+            const onReady = () => {
+              clearTimeout(timer);
+              resolve(true);
+            };
+            client.once('ready', onReady);
+          }),
     async close() {
       await limiter.close();
       await client.quit().catch(() => client.disconnect());

@@ -28,6 +28,7 @@ export async function buildTestApp(opts: { db?: Database; env?: Record<string, s
   const db = opts.db ?? (await getTestDb());
   const config = testConfig(opts.env);
   const rateLimiter = createRateLimiter(config, db, silentLogger);
+  await rateLimiter.ready(5_000);
   const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger: silentLogger });
   app.addHook('onClose', () => rateLimiter.close());
   await app.ready();

@@ -10,6 +10,7 @@ import { limiterKeys } from '../../src/ratelimit/memory.js';
 import { createRedisBackend } from '../../src/ratelimit/redis.js';
 import type { LimiterBackend } from '../../src/ratelimit/types.js';
 import { NO_USAGE, T0, limits, newOrgId, periodOf, request } from './helpers.js';
+import { buildTestApp, createTenant } from '../helpers/app.js';
 
 /**
  * The Lua script on a real 3-master Redis Cluster on 127.0.0.1: the hash tag must put every key
@@ -179,6 +180,32 @@ describe.skipIf(!hasRedisServer)('limit.lua on a 3-master Redis Cluster', () => 
         refusedBy: 'daily_cap',
         concurrent: 0,
       });
+    }
+  });
+
+  it('serves the app with REDIS_CLUSTER=true: exact limits through the cluster, "redis" on /health', async () => {
+    const app = await buildTestApp({
+      env: {
+        REDIS_URL: `redis://127.0.0.1:${nodes[0]!.port}`,
+        REDIS_CLUSTER: 'true',
+        ORG_RATE_LIMIT_BURST: '4',
+        ORG_RATE_LIMIT_PER_SECOND: '0.001',
+      },
+    });
+    try {
+      const t = await createTenant();
+      // The cluster client discovers the topology after connecting.
+      await until('the app on the cluster', async () => (await app.inject('/health')).json().rateLimiter === 'redis');
+      const codes = await Promise.all(
+        Array.from({ length: 12 }, async () => (await app.inject({ method: 'GET', url: '/v1/me', headers: t.member.headers })).statusCode),
+      );
+      expect(codes.filter((c) => c === 200)).toHaveLength(4);
+      expect(codes.filter((c) => c === 429)).toHaveLength(8);
+      expect((await app.inject('/health')).json().rateLimiter).toBe('redis');
+      const node = direct.get(await ownerOf(t.org.id))!;
+      expect(await node.exists(`rl:{org:${t.org.id}}:b`)).toBe(1);
+    } finally {
+      await app.close();
     }
   });
 });
