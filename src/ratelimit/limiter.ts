@@ -17,7 +17,7 @@ export interface Admission {
   readonly allowed: boolean;
   readonly refusedBy?: Refusal;
   readonly retryAfterSeconds: number;
-  /** Null when no limit applied (all off) or the refusal came from the in-process block list. */
+  /** Null when no limit applied (all off); a refusal repeated from memory carries the original. */
   readonly decision: Decision | null;
   readonly periods: Periods;
   readonly nowMs: number;
@@ -35,6 +35,8 @@ interface Blocked {
   untilMs: number;
   retryAtMs: number;
   refusedBy: Refusal;
+  /** The refusal being repeated: its state goes out in the RateLimit field again. */
+  decision: Decision | null;
 }
 
 // A refusal is remembered for at most this long: a limit raised with the CLI (or a bucket that
@@ -155,7 +157,7 @@ export class RateLimiter {
       this.stats.refused[refusedBy]++;
       if (refusedBy !== 'concurrency') {
         const key = refusedBy === 'user_rate' ? `u:${args.orgId}:${args.userId}` : `o:${args.orgId}`;
-        this.block(key, nowMs, blockMs(decision, args.limits, cost), decision.retryAfterSeconds, refusedBy);
+        this.block(key, nowMs, blockMs(decision, args.limits, cost), decision.retryAfterSeconds, refusedBy, decision);
       }
       return { allowed: false, refusedBy, retryAfterSeconds: decision.retryAfterSeconds, decision, periods, nowMs, release: NO_RELEASE };
     }
@@ -322,12 +324,13 @@ export class RateLimiter {
     this.deps.logger.info('Rate limiter recovered: limiting on Redis again');
   }
 
-  private block(key: string, nowMs: number, forMs: number, retryAfterSeconds: number, refusedBy: Refusal): void {
+  private block(key: string, nowMs: number, forMs: number, retryAfterSeconds: number, refusedBy: Refusal, decision: Decision | null = null): void {
     if (!(forMs > 0)) return;
     this.blocked.set(key, {
       untilMs: nowMs + Math.min(forMs, MAX_BLOCK_MS),
       retryAtMs: nowMs + retryAfterSeconds * 1000,
       refusedBy,
+      decision,
     });
   }
 
@@ -347,7 +350,7 @@ export class RateLimiter {
       allowed: false,
       refusedBy: b.refusedBy,
       retryAfterSeconds: Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)),
-      decision: null,
+      decision: b.decision,
       periods,
       nowMs,
       release: NO_RELEASE,

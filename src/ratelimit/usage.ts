@@ -59,20 +59,33 @@ export class UsageRecorder {
 
   /** Durable usage plus this process's unflushed part: where a lost counter restarts from. */
   async load(orgId: string, day: string, month: string): Promise<{ day: number; month: number }> {
-    const stored = await findUsage(this.db, orgId, day, month);
-    const local = this.unflushed(orgId, day, month);
-    return { day: stored.day + local.day, month: stored.month + local.month };
+    // Never read while a batch is being written: the table may or may not include it yet.
+    while (this.inFlight) await this.inFlight;
+    this.readers++;
+    try {
+      const stored = await findUsage(this.db, orgId, day, month);
+      const local = this.unflushed(orgId, day, month);
+      return { day: stored.day + local.day, month: stored.month + local.month };
+    } finally {
+      if (--this.readers === 0) this.readersDrained?.();
+    }
   }
+
+  private readers = 0;
+  private readersDrained: (() => void) | null = null;
 
   private flushing: Map<string, UsageDelta> | null = null;
 
   async flush(): Promise<void> {
     if (this.inFlight) return this.inFlight;
     if (this.pending.size === 0) return;
-    const batch = this.pending;
-    this.pending = new Map();
-    this.flushing = batch;
     this.inFlight = (async () => {
+      // Let reads in progress finish first (new ones wait for this write).
+      while (this.readers > 0) await new Promise<void>((r) => (this.readersDrained = r));
+      this.readersDrained = null;
+      const batch = this.pending;
+      this.pending = new Map();
+      this.flushing = batch;
       try {
         await addUsage(this.db, [...batch.values()]);
         if (this.failing) this.logger.info('Usage is being written to the database again');
