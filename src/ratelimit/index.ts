@@ -8,7 +8,7 @@ import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import { createRedisClient, type RedisClient } from '../infra/redis.js';
 import { RateLimiter } from './limiter.js';
-import { createMemoryBackend } from './memory.js';
+import { createMemoryBackend, limiterKeys } from './memory.js';
 import { createRedisBackend } from './redis.js';
 import { UsageRecorder } from './usage.js';
 
@@ -28,15 +28,22 @@ export interface RateLimiterHandle {
 export function createRateLimiter(config: Config, db: Database, logger: Logger): RateLimiterHandle {
   const usage = new UsageRecorder(db, logger, config.rateLimit.usageFlushIntervalMs);
   usage.start();
-  const memory = createMemoryBackend({ maxKeys: config.rateLimit.memoryMaxKeys });
+  const memory = () => createMemoryBackend({ maxKeys: config.rateLimit.memoryMaxKeys });
   if (!config.redis) {
-    const limiter = new RateLimiter({ primary: memory, fallback: null, usage, config: config.rateLimit, logger });
+    const limiter = new RateLimiter({ primary: memory(), createFallback: null, usage, config: config.rateLimit, logger });
     return { limiter, ready: () => Promise.resolve(true), close: () => limiter.close() };
   }
   const client: RedisClient = createRedisClient(config.redis, logger);
   const limiter = new RateLimiter({
     primary: createRedisBackend(client),
-    fallback: memory,
+    createFallback: memory,
+    // One DEL per org: an org's keys share a hash slot, different orgs may not (Cluster).
+    forgetCaps: async (orgIds, day, month) => {
+      for (const orgId of orgIds) {
+        const keys = limiterKeys({ orgId, userId: '-', day, month });
+        await client.del(keys.day, keys.month);
+      }
+    },
     usage,
     config: config.rateLimit,
     logger,

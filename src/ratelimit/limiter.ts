@@ -89,8 +89,16 @@ const isOff = (l: OrgLimits) =>
 
 export interface RateLimiterDeps {
   primary: LimiterBackend;
-  /** Memory backend used while the primary (Redis) fails; null when the primary is memory. */
-  fallback: LimiterBackend | null;
+  /**
+   * Makes the memory backend used while the primary (Redis) fails: a fresh one for every outage,
+   * so counts from an earlier outage never linger. Null when the primary is memory.
+   */
+  createFallback: (() => LimiterBackend) | null;
+  /**
+   * Drops the primary's cap counters of these orgs, so the next request rebuilds them from
+   * PostgreSQL, which by then holds what the fallback admitted during the outage.
+   */
+  forgetCaps?: (orgIds: string[], day: string, month: string) => Promise<void>;
   usage: UsageRecorder;
   config: RateLimitConfig;
   logger: Logger;
@@ -100,7 +108,9 @@ export interface RateLimiterDeps {
 
 export class RateLimiter {
   private degraded = false;
+  private fallback: LimiterBackend | null = null;
   private probeTimer: NodeJS.Timeout | null = null;
+  private probing = false;
   private readonly blocked: BoundedMap<string, Blocked>;
   /** Last cap usage seen from the shared backend, per org: the floor for a fallback seed. */
   private readonly lastKnown: BoundedMap<string, { day: string; dayUsed: number; month: string; monthUsed: number }>;
@@ -122,7 +132,7 @@ export class RateLimiter {
   }
 
   get mode(): LimiterMode {
-    if (!this.deps.fallback) return 'memory';
+    if (!this.deps.createFallback) return 'memory';
     return this.degraded ? 'degraded' : 'redis';
   }
 
@@ -230,22 +240,22 @@ export class RateLimiter {
     this.probeTimer = null;
     await this.deps.usage.close();
     await this.deps.primary.close();
-    await this.deps.fallback?.close();
+    await this.fallback?.close();
   }
 
   // -------------------------------------------------------------------------------------------
 
   private async decide(partition: string, req: AcquireRequest): Promise<{ decision: Decision; backend: LimiterBackend }> {
-    if (!this.degraded || !this.deps.fallback) {
+    if (!this.degraded || !this.fallback) {
       try {
         return { decision: await this.withSeed(this.deps.primary, partition, req, false), backend: this.deps.primary };
       } catch (err) {
-        if (!this.deps.fallback) throw err;
+        if (!this.deps.createFallback) throw err;
         this.enterDegraded(err);
       }
     }
     this.stats.fallbackDecisions++;
-    const fallback = this.deps.fallback;
+    const fallback = this.fallback!;
     return { decision: await this.withSeed(fallback, partition, this.shareOf(partition, req), true), backend: fallback };
   }
 
@@ -295,13 +305,14 @@ export class RateLimiter {
   }
 
   private rememberUsage(partition: string, periods: Periods, d: Decision, backend: LimiterBackend): void {
-    if (backend !== this.deps.primary || !this.deps.fallback) return;
+    if (backend !== this.deps.primary || !this.deps.createFallback) return;
     this.lastKnown.set(partition, { day: periods.day, dayUsed: d.dayUsed, month: periods.month, monthUsed: d.monthUsed });
   }
 
   private enterDegraded(err: unknown): void {
     if (this.degraded) return;
     this.degraded = true;
+    this.fallback = this.deps.createFallback!();
     this.deps.logger.error(
       { err: { message: (err as Error).message } },
       'Rate limiter degraded: Redis is unreachable; limiting in memory on this instance until it returns',
@@ -311,16 +322,29 @@ export class RateLimiter {
   }
 
   private async probe(): Promise<void> {
-    if (!this.deps.probe) return;
+    if (!this.deps.probe || this.probing) return;
+    this.probing = true;
     try {
       await this.deps.probe();
+      // Before going back: what the fallback admitted goes to PostgreSQL, and the orgs it served
+      // have their Redis counters rebuilt from there, so the outage's usage still counts.
+      const served = [...this.fallbackBase.keys()];
+      await this.deps.usage.flush();
+      if (served.length > 0 && this.deps.forgetCaps) {
+        const p = utcPeriods(Date.now());
+        await this.deps.forgetCaps(served, p.day, p.month);
+      }
     } catch {
-      return;
+      return; // still down: try again on the next tick
+    } finally {
+      this.probing = false;
     }
     if (this.probeTimer) clearInterval(this.probeTimer);
     this.probeTimer = null;
     this.degraded = false;
     this.fallbackBase.clear();
+    // Slots still held in the old fallback are released into it; nothing else reads it again.
+    this.fallback = null;
     this.deps.logger.info('Rate limiter recovered: limiting on Redis again');
   }
 
