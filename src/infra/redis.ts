@@ -17,6 +17,9 @@ export function createRedisClient(config: NonNullable<Config['redis']>, logger: 
     connectTimeout: Math.max(1_000, config.commandTimeoutMs * 4),
     retryStrategy: (times) => Math.min(100 * 2 ** Math.min(times, 5), 2_000),
     lazyConnect: false,
+    // Commands issued in the same tick go out in one write: measured +7% requests/s and about
+    // 40% less Redis CPU on the allowed path (bench/README.md).
+    enableAutoPipelining: true,
   };
   const client: RedisClient = config.cluster
     ? new Cluster([seedNode(config.url)], {

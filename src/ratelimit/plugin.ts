@@ -81,6 +81,12 @@ export function registerOrgLimit(scope: FastifyInstance, limiter: RateLimiter, c
     const admission = await limiter.acquireOrg({ orgId: ctx.orgId, userId: ctx.userId, limits });
     setHeaders(reply, limits, admission);
     if (!admission.allowed) throw refusal(admission.refusedBy ?? 'org_rate', admission.retryAfterSeconds);
+    // The client may have gone while we waited: onRequestAbort has run already, and no response
+    // will ever finish, so nothing else would free the slot.
+    if (request.raw.destroyed) {
+      admission.release();
+      return;
+    }
     request.releaseRateLimitSlot = admission.release;
     request.rateLimitAdmission = admission;
   });

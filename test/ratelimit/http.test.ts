@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import http from 'node:http';
+import net from 'node:net';
 import type { AddressInfo } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
@@ -257,6 +258,38 @@ describe('concurrency', () => {
     c.abort();
     await expect.poll(() => fetchStatus(port, t.member), { timeout: 5_000 }).toBe(200);
     expect(await b.finish()).toBe(201);
+  });
+  it('frees the slot of a client that leaves while its request is still being admitted', async () => {
+    const app = await appWith({ ORG_MAX_CONCURRENT_REQUESTS: '50' });
+    const port = await listen(app);
+    const t = await createTenant();
+    // Each client sends a request and disconnects at once, mostly before the auth lookup ends.
+    await Promise.all(
+      Array.from(
+        { length: 100 },
+        (_, i) =>
+          new Promise<void>((resolve) => {
+            const socket = net.connect(port, '127.0.0.1', () => {
+              socket.write(
+                `GET /v1/me HTTP/1.1\r\nHost: 127.0.0.1\r\nx-org-id: ${t.member.headers['x-org-id']}\r\n` +
+                  `x-user-id: ${t.member.headers['x-user-id']}\r\n\r\n`,
+              );
+              // Leave at different moments: before, during and after the lookup and the limiter.
+              setTimeout(() => {
+                socket.destroy();
+                resolve();
+              }, i % 8);
+            });
+            socket.on('error', () => resolve());
+          }),
+      ),
+    );
+    // Only this request itself is in flight once the server has caught up.
+    await expect
+      .poll(async () => (await get(app, t.admin, '/v1/org/usage')).json<{ concurrency: { inFlight: number } }>().concurrency.inFlight, {
+        timeout: 5_000,
+      })
+      .toBe(1);
   });
 });
 

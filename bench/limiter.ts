@@ -1,0 +1,139 @@
+/**
+ * The rate limiter's cost: GET /v1/me with limits off (the reference), with limits on but never
+ * refusing (the allowed path), and for an org over its limit (the refused path), side by side in
+ * one run. `npm run bench:limiter -- --help` for the options; bench/README.md for the results.
+ */
+import { SEED } from '../src/db/seed.js';
+import { rateLimitPolicy } from '../src/ratelimit/headers.js';
+import type { OrgLimits } from '../src/ratelimit/types.js';
+import { runBenchmark, type BenchCase, type Measurement, type ServerHandle } from './harness.js';
+
+// The seeded acme-corp admin, unless BENCH_ORG_ID and BENCH_USER_ID name another live user: every
+// admitted request counts toward the org's daily and monthly usage, which a shared development
+// database keeps (see bench/README.md).
+const admin = SEED.users.find((u) => u.email === 'admin@acme.com')!;
+const ORG_ID = process.env.BENCH_ORG_ID || admin.orgId;
+const USER_ID = process.env.BENCH_USER_ID || admin.id;
+const WHO = ORG_ID === admin.orgId && USER_ID === admin.id ? 'the seeded acme-corp admin' : `user ${USER_ID} of org ${ORG_ID}`;
+const HEADERS = { 'x-org-id': ORG_ID, 'x-user-id': USER_ID };
+
+const OFF: OrgLimits = {
+  orgBurst: 0,
+  orgPerSecond: 0,
+  userBurst: 0,
+  userPerSecond: 0,
+  dailyCap: 0,
+  monthlyCap: 0,
+  maxConcurrent: 0,
+};
+/** Every limit on, each far beyond what one run can reach: every check runs, none refuses. */
+const NEVER_REFUSES: OrgLimits = {
+  orgBurst: 1_000_000_000,
+  orgPerSecond: 1_000_000_000,
+  userBurst: 1_000_000_000,
+  userPerSecond: 1_000_000_000,
+  dailyCap: 1_000_000_000_000_000,
+  monthlyCap: 1_000_000_000_000_000,
+  maxConcurrent: 1_000_000,
+};
+/** The same, except the org bucket: one token, refilled every 1000 s. Only the first request passes. */
+const OVER_LIMIT: OrgLimits = { ...NEVER_REFUSES, orgBurst: 1, orgPerSecond: 0.001 };
+
+function limitEnv(l: OrgLimits): Record<string, string> {
+  return {
+    ORG_RATE_LIMIT_BURST: String(l.orgBurst),
+    ORG_RATE_LIMIT_PER_SECOND: String(l.orgPerSecond),
+    USER_RATE_LIMIT_BURST: String(l.userBurst),
+    USER_RATE_LIMIT_PER_SECOND: String(l.userPerSecond),
+    ORG_DAILY_REQUEST_CAP: String(l.dailyCap),
+    ORG_MONTHLY_REQUEST_CAP: String(l.monthlyCap),
+    ORG_MAX_CONCURRENT_REQUESTS: String(l.maxConcurrent),
+  };
+}
+
+/**
+ * One request before the warm-up: the seeded user must authenticate, and the limits the server
+ * applies (its RateLimit-Policy header) must be the ones this case set. They differ when the org
+ * has its own values in org_limits, which override the environment.
+ */
+function probe(limits: OrgLimits, okStatuses: number[]) {
+  return async (server: ServerHandle): Promise<string[]> => {
+    const res = await fetch(`${server.baseUrl}/v1/me`, { headers: HEADERS, signal: AbortSignal.timeout(5_000) });
+    const body = await res.text();
+    const problems: string[] = [];
+    if (!okStatuses.includes(res.status)) {
+      problems.push(`GET /v1/me as ${WHO} answered ${res.status}, expected ${okStatuses.join(' or ')}: ${body.slice(0, 300)}`);
+    }
+    const expected = rateLimitPolicy(limits);
+    const actual = res.headers.get('ratelimit-policy') ?? '';
+    if (res.status !== 401 && res.status !== 400 && actual !== expected) {
+      problems.push(
+        `the server applies other limits than this case set (RateLimit-Policy "${actual}", expected "${expected}"): ` +
+          'the org probably has its own values in org_limits (`npm run org:limits -- <org-slug>` shows them, ' +
+          '`--reset` clears them), or set BENCH_ORG_ID and BENCH_USER_ID to a user of an org without its own limits',
+      );
+    }
+    return problems;
+  };
+}
+
+const noRefusals = (m: Measurement): string[] =>
+  m.status['429'] > 0 ? [`${m.status['429']} responses were 429: limits meant never to refuse did refuse`] : [];
+const someSuccess = (m: Measurement): string[] =>
+  m.status['2xx'] === 0 ? ['no 2xx response: the requests do not reach the route'] : [];
+
+const request = { path: '/v1/me', headers: HEADERS };
+
+const cases: BenchCase[] = [
+  {
+    id: 'a',
+    title: 'limits off (reference)',
+    env: limitEnv(OFF),
+    request,
+    probe: probe(OFF, [200]),
+    check: (m) => [...someSuccess(m), ...noRefusals(m)],
+  },
+  {
+    id: 'b',
+    title: 'limits on, allowed',
+    env: limitEnv(NEVER_REFUSES),
+    request,
+    probe: probe(NEVER_REFUSES, [200]),
+    check: (m) => [...someSuccess(m), ...noRefusals(m)],
+  },
+  {
+    id: 'c',
+    title: 'org over its limit, refused',
+    env: limitEnv(OVER_LIMIT),
+    request,
+    // The probe takes the bucket's one token (200), or finds it already spent by an earlier run
+    // against the same Redis (429): either way every request after it is refused.
+    probe: probe(OVER_LIMIT, [200, 429]),
+    check: (m) => (m.status['429'] === 0 ? ['no 429 at all: the org was not over its limit'] : []),
+  },
+];
+
+const code = await runBenchmark({
+  name: 'limiter',
+  title: `Rate limiter cost: GET /v1/me as ${WHO}`,
+  commonEnv: {
+    NODE_ENV: 'development',
+    LOG_LEVEL: 'warn',
+    LOG_FORMAT: 'json',
+    ACCESS_LOG: 'false',
+    SHUTDOWN_TIMEOUT_MS: '5000',
+    // Only the org limiter is measured: no per-address limit, no load shedding.
+    IP_RATE_LIMIT_PER_MINUTE: '0',
+    LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: '0',
+  },
+  cases,
+  referenceId: 'a',
+  help: ['BENCH_ORG_ID, BENCH_USER_ID          the caller (default: the seeded acme-corp admin)'],
+  // Calls the app makes to Redis per request: the limit script (EVALSHA, or EVAL when Redis does
+  // not know it yet) and the release of the concurrency slot (ZREM).
+  redisRoundTrips: ['evalsha', 'eval', 'zrem'],
+  footer: (_results, backends) => [
+    `Every admitted request counted toward the org's usage (org_usage in the database${backends.redisUrl ? ', day/month counters in Redis' : ''}).`,
+  ],
+});
+process.exit(code);
