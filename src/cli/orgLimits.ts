@@ -9,7 +9,7 @@
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
-import { ConfigError, loadConfig } from '../config/env.js';
+import { loadCliConfig } from '../config/env.js';
 import { createDatabase } from '../infra/database.js';
 import { createLogger } from '../infra/logger.js';
 import { findOrgBySlug } from '../models/org.model.js';
@@ -86,16 +86,8 @@ async function main(argv: string[]): Promise<number> {
     }
     throw err;
   }
-  let config;
-  try {
-    config = loadConfig(process.env, { forServer: false });
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`${err.message}\n`);
-      return 1;
-    }
-    throw err;
-  }
+  const config = loadCliConfig();
+  if (!config) return 1;
   const logger = createLogger({ ...config, logLevel: 'warn' });
   const db = await createDatabase(config.database, logger);
   try {

@@ -39,35 +39,25 @@ const num = (defaultValue: number, min: number, max: number) =>
       return n;
     });
 
-const redisUrl = z
-  .string()
-  .refine(
-    (v) => {
-      try {
-        const u = new URL(v);
-        return (u.protocol === 'redis:' || u.protocol === 'rediss:') && u.hostname !== '';
-      } catch {
-        return false;
-      }
-    },
-    { message: 'must be a redis:// or rediss:// URL with a host' },
-  )
-  .optional();
+/** A URL with one of these schemes and a host. */
+const urlOf = (schemes: readonly string[]) =>
+  z
+    .string()
+    .refine(
+      (v) => {
+        try {
+          const u = new URL(v);
+          return schemes.includes(u.protocol.slice(0, -1)) && u.hostname !== '';
+        } catch {
+          return false;
+        }
+      },
+      { message: `must be a ${schemes.map((s) => `${s}://`).join(' or ')} URL with a host` },
+    )
+    .optional();
 
-const postgresUrl = z
-  .string()
-  .refine(
-    (v) => {
-      try {
-        const u = new URL(v);
-        return (u.protocol === 'postgres:' || u.protocol === 'postgresql:') && u.hostname !== '';
-      } catch {
-        return false;
-      }
-    },
-    { message: 'must be a postgres:// or postgresql:// URL with a host' },
-  )
-  .optional();
+const redisUrl = urlOf(['redis', 'rediss']);
+const postgresUrl = urlOf(['postgres', 'postgresql']);
 
 const schema = z.object({
     NODE_ENV: z
@@ -158,6 +148,22 @@ export type DatabaseConfig =
       readonly statementTimeoutMs: number;
     }
   | { readonly kind: 'pglite'; readonly dataDir: string };
+
+/**
+ * For command-line tools: the configuration, or null after printing every bad variable to stderr
+ * (the caller exits 1).
+ */
+export function loadCliConfig(env: NodeJS.ProcessEnv = process.env): Config | null {
+  try {
+    return loadConfig(env, { forServer: false });
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      return null;
+    }
+    throw err;
+  }
+}
 
 export class ConfigError extends Error {
   constructor(readonly problems: readonly string[]) {

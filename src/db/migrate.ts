@@ -2,7 +2,7 @@
  * `npm run db:migrate`: applies pending migrations, then (outside production) the seed data.
  * Exit code 0 on success, 1 on any failure, with the reason on the log.
  */
-import { ConfigError, loadConfig } from '../config/env.js';
+import { loadCliConfig } from '../config/env.js';
 import { createDatabase, DatabaseUnavailableError } from '../infra/database.js';
 import type { DatabaseConfig } from '../config/env.js';
 import { createLogger } from '../infra/logger.js';
@@ -10,16 +10,8 @@ import { migrate } from './migrator.js';
 import { seed } from './seed.js';
 
 async function main(): Promise<number> {
-  let config;
-  try {
-    config = loadConfig(process.env, { forServer: false });
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`${err.message}\n`);
-      return 1;
-    }
-    throw err;
-  }
+  const config = loadCliConfig();
+  if (!config) return 1;
   const logger = createLogger({ ...config, logLevel: config.logLevel === 'debug' ? 'info' : config.logLevel });
   logger.info('Starting database migration...');
   const db = await createDatabase(config.database, logger);
