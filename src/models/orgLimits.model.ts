@@ -33,7 +33,8 @@ export function overridesFromRow(row: Record<string, unknown>): OrgLimitOverride
 }
 
 export function effectiveLimits(defaults: OrgLimits, overrides: OrgLimitOverrides | null | undefined): OrgLimits {
-  if (!overrides) return defaults;
+  // Most orgs have no row: hand back the defaults object itself (no copy on every request).
+  if (!overrides || Object.keys(overrides).length === 0) return defaults;
   const out: { -readonly [K in keyof OrgLimits]: number } = { ...defaults };
   for (const f of FIELDS) {
     const v = overrides[f];

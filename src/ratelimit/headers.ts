@@ -9,7 +9,20 @@ import type { Decision, OrgLimits } from './types.js';
 
 const seconds = (burst: number, perSecond: number) => Math.max(1, Math.ceil(burst / perSecond));
 
+// The policy only changes with the limits: built once per limits object (the defaults object is
+// shared by every org without its own row).
+const policyCache = new WeakMap<OrgLimits, string>();
+
 export function rateLimitPolicy(limits: OrgLimits): string {
+  let policy = policyCache.get(limits);
+  if (policy === undefined) {
+    policy = buildPolicy(limits);
+    policyCache.set(limits, policy);
+  }
+  return policy;
+}
+
+function buildPolicy(limits: OrgLimits): string {
   const items: string[] = [];
   if (limits.orgBurst > 0 && limits.orgPerSecond > 0) items.push(`"org";q=${limits.orgBurst};w=${seconds(limits.orgBurst, limits.orgPerSecond)}`);
   if (limits.userBurst > 0 && limits.userPerSecond > 0)
