@@ -106,6 +106,9 @@ const schema = z.object({
 
 type Parsed = z.infer<typeof schema>;
 
+/** Every variable the server reads (what .env.example must list). */
+export const CONFIG_VARIABLES: readonly string[] = Object.keys(schema.shape);
+
 export interface Config {
   readonly env: Parsed['NODE_ENV'];
   readonly host: string;
