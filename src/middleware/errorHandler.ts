@@ -10,6 +10,12 @@ import { DatabaseUnavailableError } from '../infra/database.js';
 
 const DB_RETRY_AFTER_SECONDS = 5;
 
+// During an outage every request fails the same way: one line per interval says so, with the
+// number of requests answered 503 since the last line, instead of one line per request.
+const OUTAGE_LOG_INTERVAL_MS = 10_000;
+let lastOutageLogMs = 0;
+let unloggedOutageRequests = 0;
+
 function validationError(err: FastifyError): AppError {
   const where = err.validationContext ?? 'request';
   const details: ErrorDetail[] = (err.validation ?? []).map((v) => {
@@ -24,7 +30,14 @@ function validationError(err: FastifyError): AppError {
 export function toAppError(err: unknown, request: FastifyRequest): AppError {
   if (err instanceof AppError) return err;
   if (err instanceof DatabaseUnavailableError) {
-    request.log.warn({ err: err.cause }, 'Database unavailable');
+    const now = Date.now();
+    if (now - lastOutageLogMs >= OUTAGE_LOG_INTERVAL_MS) {
+      request.log.warn({ err: err.cause, suppressed: unloggedOutageRequests }, 'Database unavailable');
+      lastOutageLogMs = now;
+      unloggedOutageRequests = 0;
+    } else {
+      unloggedOutageRequests++;
+    }
     return new AppError(
       'service_unavailable',
       'The service is temporarily unavailable, please retry',
