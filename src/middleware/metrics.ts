@@ -14,7 +14,6 @@ function getProcessRegistry(): Registry {
 }
 
 export interface Metrics {
-  readonly registry: Registry;
   /** The text exposition of every metric, for GET /metrics. */
   scrape(): Promise<{ contentType: string; body: string }>;
 }
@@ -41,7 +40,7 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Met
       this.set(limiter.mode === 'degraded' ? 1 : 0);
     },
   });
-  const decisions = new Counter({
+  new Counter({
     name: 'rate_limit_decisions_total',
     help: 'Org rate limit decisions since start, by result and the limit that refused',
     labelNames: ['result', 'reason'] as const,
@@ -52,7 +51,6 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Met
       for (const [reason, n] of Object.entries(limiter.stats.refused)) this.inc({ result: 'refused', reason }, n);
     },
   });
-  void decisions;
   app.addHook('onResponse', (request, reply, done) => {
     duration.observe(
       { method: request.method, route: request.routeOptions.url ?? 'unmatched', status_code: reply.statusCode },
@@ -61,7 +59,6 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Met
     done();
   });
   return {
-    registry,
     async scrape() {
       const merged = Registry.merge([getProcessRegistry(), registry]);
       return { contentType: merged.contentType, body: await merged.metrics() };

@@ -28,7 +28,10 @@ export interface Period {
   readonly monthEndsMs: number;
 }
 
-/** The UTC calendar periods of a instant, as the caller computes them. */
+/**
+ * The UTC calendar periods of an instant, as the caller computes them. Written again here on
+ * purpose, not imported from src/ratelimit/periods.ts: an independent oracle for the boundaries.
+ */
 export function periodOf(nowMs: number): Period {
   const d = new Date(nowMs);
   const y = d.getUTCFullYear();
