@@ -47,7 +47,10 @@ export const normaliseEmail = (email: string): string => email.trim().toLowerCas
 
 export interface AuthLookup {
   orgExists: boolean;
-  /** The live user with this id in a live org, whichever org that is. */
+  /**
+   * The live user with this id in a live org, whichever org that is; null when the claimed org
+   * does not exist (the answer is then 401 whoever the user is).
+   */
   user: { id: string; orgId: string; email: string; role: Role } | null;
   /**
    * The claimed org's limit overrides, read in the same round trip so a change made with the
@@ -75,7 +78,7 @@ export async function findAuthIdentity(db: Queryable, orgId: string, userId: str
   const r = rows[0];
   return {
     orgExists: Boolean(r?.org_exists),
-    user: r?.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
+    user: r?.org_exists && r.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
     limitOverrides: r ? overridesFromRow(r) : {},
   };
 }

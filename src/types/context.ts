@@ -1,3 +1,4 @@
+import type { Authenticator } from '../auth/index.js';
 import type { OrgLimitOverrides } from '../models/orgLimits.model.js';
 
 export const ROLES = ['owner', 'admin', 'member'] as const;
@@ -12,6 +13,10 @@ export interface RequestContext {
 }
 
 declare module 'fastify' {
+  interface FastifyInstance {
+    /** Who callers are (the auth cache); tests use its sync() after changing the database directly. */
+    authenticator: Authenticator;
+  }
   interface FastifyRequest {
     /** Null for anonymous requests (public routes only); tenant routes require it. */
     context: RequestContext | null;
