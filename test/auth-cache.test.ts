@@ -237,6 +237,10 @@ describe('the auth cache in the app', () => {
     expect(await app.authenticator.sync()).toBe(true);
     expect((await me(u)).json()).toMatchObject({ role: 'admin' });
 
+    await db.query("UPDATE users SET name = 'Someone Else' WHERE id = $1", [u.id]);
+    expect(await app.authenticator.sync()).toBe(true);
+    expect((await me(u)).json()).toMatchObject({ name: 'Someone Else' }); // GET /v1/me answers from the cache
+
     await db.query("UPDATE users SET email = 'renamed-' || email WHERE id = $1", [u.id]);
     expect(await app.authenticator.sync()).toBe(true);
     expect((await me(u)).json()).toMatchObject({ email: `renamed-${u.email}` });

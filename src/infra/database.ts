@@ -17,8 +17,13 @@ export interface QueryResult<R> {
 }
 
 export interface Queryable {
-  /** One parameterised statement. Never build `sql` from input: pass values in `params`. */
-  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>>;
+  /**
+   * One parameterised statement. Never build `sql` from input: pass values in `params`.
+   * `name` makes it a named prepared statement on PostgreSQL, parsed and planned once per
+   * connection instead of on every call: for the statements on the request path. A name must
+   * always go with the same `sql`.
+   */
+  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>>;
 }
 
 export interface Transaction extends Queryable {
@@ -133,10 +138,11 @@ export function createPostgresDatabase(
   });
 
   let closed = false;
-  const query = async <R>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> => {
+  const query = async <R>(sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> => {
     if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
     try {
-      const res = await pool.query(sql, params as unknown[] | undefined);
+      const values = params as unknown[] | undefined;
+      const res = await (name === undefined ? pool.query(sql, values) : pool.query({ name, text: sql, values }));
       return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
     } catch (err) {
       throw translate(err);
@@ -161,8 +167,9 @@ export function createPostgresDatabase(
         throw translate(err);
       }
       const tx: Transaction = {
-        async query<R>(sql: string, params?: readonly unknown[]) {
-          const res = await client.query(sql, params as unknown[] | undefined);
+        async query<R>(sql: string, params?: readonly unknown[], name?: string) {
+          const values = params as unknown[] | undefined;
+          const res = await (name === undefined ? client.query(sql, values) : client.query({ name, text: sql, values }));
           return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
         },
         async exec(sql: string) {

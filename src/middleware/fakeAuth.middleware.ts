@@ -55,6 +55,7 @@ function applyIdentity(request: FastifyRequest, orgId: string, found: AuthLookup
   }
   const { id: userId, role, email } = found.user;
   request.context = { userId, orgId, role, email };
+  request.caller = found.user;
   request.orgLimitOverrides = found.limitOverrides;
   // Checked first: the line's object is not even built when debug is off (production).
   if (DEBUG_LEVELS.has(request.log.level)) request.log.debug({ userId, orgId, role }, 'Request authenticated');
@@ -62,6 +63,7 @@ function applyIdentity(request: FastifyRequest, orgId: string, found: AuthLookup
 
 export function registerFakeAuth(app: FastifyInstance, auth: Authenticator): void {
   app.decorateRequest('context', null);
+  app.decorateRequest('caller', null);
   app.decorateRequest('orgLimitOverrides', null);
   // A callback hook, not an async one: a caller found in the cache costs no promise at all.
   app.addHook('onRequest', (request, _reply, done) => {

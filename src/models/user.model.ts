@@ -49,9 +49,10 @@ export interface AuthLookup {
   orgExists: boolean;
   /**
    * The live user with this id in a live org, whichever org that is; null when the claimed org
-   * does not exist (the answer is then 401 whoever the user is).
+   * does not exist (the answer is then 401 whoever the user is). The whole user, so that what a
+   * request needs to know about its caller (GET /v1/me) costs no second query.
    */
-  user: { id: string; orgId: string; email: string; role: Role } | null;
+  user: User | null;
   /**
    * The claimed org's limit overrides, read in the same round trip so a change made with the
    * limits CLI applies to the very next request.
@@ -59,26 +60,24 @@ export interface AuthLookup {
   limitOverrides: OrgLimitOverrides;
 }
 
-export async function findAuthIdentity(db: Queryable, orgId: string, userId: string): Promise<AuthLookup> {
-  const { rows } = await db.query<{
-    org_exists: boolean;
-    id: string | null;
-    org_id: string | null;
-    email: string | null;
-    role: Role | null;
-  }>(
-    `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
-            u.id, u.org_id, u.email, u.role, ${ORG_LIMITS_SELECT}
+const AUTH_IDENTITY_SQL = `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
+            u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at, ${ORG_LIMITS_SELECT}
        FROM (SELECT 1) AS one
        LEFT JOIN users u ON u.id = $2 AND u.deleted_at IS NULL
         AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)
-       LEFT JOIN org_limits l ON l.org_id = $1`,
+       LEFT JOIN org_limits l ON l.org_id = $1`;
+
+export async function findAuthIdentity(db: Queryable, orgId: string, userId: string): Promise<AuthLookup> {
+  const { rows } = await db.query<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
+    AUTH_IDENTITY_SQL,
     [orgId, userId],
+    'auth_identity',
   );
   const r = rows[0];
+  const orgExists = Boolean(r?.org_exists);
   return {
-    orgExists: Boolean(r?.org_exists),
-    user: r?.org_exists && r.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
+    orgExists,
+    user: orgExists && r?.id ? toUser(r as UserRow) : null,
     limitOverrides: r ? overridesFromRow(r) : {},
   };
 }
@@ -90,6 +89,7 @@ export async function findUserInOrg(db: Queryable, orgId: string, userId: string
   const { rows } = await db.query<UserRow>(
     `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL`,
     [orgId, userId],
+    'user_in_org',
   );
   return rows[0] ? toUser(rows[0]) : null;
 }
@@ -113,10 +113,11 @@ export async function listUsersInOrg(
   if (opts.cursor) {
     const afterId = decodeCursor(opts.cursor);
     // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
-    const { rows } = await db.query<{ seq: string }>('SELECT seq::text AS seq FROM users WHERE org_id = $1 AND id = $2', [
-      orgId,
-      afterId,
-    ]);
+    const { rows } = await db.query<{ seq: string }>(
+      'SELECT seq::text AS seq FROM users WHERE org_id = $1 AND id = $2',
+      [orgId, afterId],
+      'users_page_cursor',
+    );
     if (!rows[0]) throw invalidCursor();
     afterSeq = rows[0].seq;
   }
@@ -126,6 +127,7 @@ export async function listUsersInOrg(
       ORDER BY seq
       LIMIT $3`,
     [orgId, afterSeq, opts.limit + 1],
+    'users_page',
   );
   const page = rows.slice(0, opts.limit);
   const last = page[page.length - 1];

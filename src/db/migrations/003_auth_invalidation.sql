@@ -28,18 +28,10 @@ BEGIN
 END;
 $$;
 
--- Users: a new user (a cached "unknown user" must go), a deleted one, a changed role, email or org.
--- A changed name or metadata does not concern authentication.
-CREATE TRIGGER users_notify_auth_insert_delete AFTER INSERT OR DELETE ON users
+-- Users: any change. The cache holds the whole user (GET /v1/me answers from it), and a new user
+-- must end a cached "unknown user".
+CREATE TRIGGER users_notify_auth AFTER INSERT OR UPDATE OR DELETE ON users
   FOR EACH ROW EXECUTE FUNCTION notify_auth_change();
-CREATE TRIGGER users_notify_auth_update AFTER UPDATE ON users
-  FOR EACH ROW
-  WHEN (OLD.role IS DISTINCT FROM NEW.role
-     OR OLD.email IS DISTINCT FROM NEW.email
-     OR OLD.org_id IS DISTINCT FROM NEW.org_id
-     OR OLD.deleted_at IS DISTINCT FROM NEW.deleted_at
-     OR OLD.id IS DISTINCT FROM NEW.id)
-  EXECUTE FUNCTION notify_auth_change();
 CREATE TRIGGER users_notify_auth_truncate AFTER TRUNCATE ON users
   FOR EACH STATEMENT EXECUTE FUNCTION notify_auth_change();
 
