@@ -32,15 +32,24 @@ export function overridesFromRow(row: Record<string, unknown>): OrgLimitOverride
   return out;
 }
 
+// The overrides object of a cached caller is the same on each of its requests: its merged limits
+// (and the RateLimit-Policy built from them, cached per limits object) are made once, not per request.
+const merged = new WeakMap<OrgLimitOverrides, { defaults: OrgLimits; limits: OrgLimits }>();
+
 export function effectiveLimits(defaults: OrgLimits, overrides: OrgLimitOverrides | null | undefined): OrgLimits {
   // Most orgs have no row: hand back the defaults object itself (no copy on every request).
-  if (!overrides || Object.keys(overrides).length === 0) return defaults;
+  if (!overrides) return defaults;
+  const known = merged.get(overrides);
+  if (known?.defaults === defaults) return known.limits;
+  if (Object.keys(overrides).length === 0) return defaults;
   const out: { -readonly [K in keyof OrgLimits]: number } = { ...defaults };
   for (const f of FIELDS) {
     const v = overrides[f];
     if (v !== null && v !== undefined) out[f] = v;
   }
-  return out;
+  const limits = Object.freeze(out);
+  merged.set(overrides, { defaults, limits });
+  return limits;
 }
 
 export async function findOrgLimitOverrides(db: Queryable, orgId: string): Promise<OrgLimitOverrides> {
