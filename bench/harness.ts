@@ -139,7 +139,7 @@ function installCleanup(): void {
   }
 }
 
-function makeTempDir(prefix: string): string {
+export function makeTempDir(prefix: string): string {
   const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
   tempDirs.add(dir);
   return dir;
@@ -164,7 +164,7 @@ export function redact(url: string): string {
   }
 }
 
-function nonEmpty(v: string | undefined): string | undefined {
+export function nonEmpty(v: string | undefined): string | undefined {
   return v === undefined || v.trim() === '' ? undefined : v;
 }
 
@@ -667,7 +667,7 @@ export interface CaseContext {
   server: ServerHandle;
   opts: BenchOptions;
   /** Progress on stderr, indented under the case. */
-  log(line: string): void;
+  log: (line: string) => void;
 }
 
 /** What a phase found wrong (the case then counts as failed) or worth saying. */
@@ -700,7 +700,8 @@ export interface BenchCase {
   env: Record<string, string>;
   /** This case's database and Redis, asked for each time it runs (default: the run's). */
   backends?: () => Backends;
-  request: RequestSpec;
+  /** What the default warm-up and measurement send; a function when it depends on data made at run time. */
+  request: RequestSpec | (() => RequestSpec);
   /** The measured requests go at a fixed rate: no req/s ratio to the reference. */
   fixedRate?: boolean;
   /**
@@ -794,7 +795,8 @@ function gitInfo(): { commit: string | null; dirty: boolean | null } {
   }
 }
 
-function log(line: string): void {
+/** Progress: on stderr, so that stdout carries only the results. */
+export function log(line: string): void {
   process.stderr.write(`${line}\n`);
 }
 
@@ -834,13 +836,14 @@ async function runCase(
   const program = c.program ?? 'app';
   const cmd = program === 'reference' ? commands.reference : commands.app;
   const backends = c.backends?.() ?? runBackends;
+  const request = typeof c.request === 'function' ? c.request() : c.request;
   const result: CaseResult = {
     id: c.id,
     title: c.title,
     program,
     command: cmd?.display ?? '',
     env: c.env,
-    request: { method: c.request.method ?? 'GET', path: c.request.path, headersPerRequest: Boolean(c.request.headersPerRequest) },
+    request: { method: request.method ?? 'GET', path: request.path, headersPerRequest: Boolean(request.headersPerRequest) },
     startupMs: null,
     limiter: null,
     measurement: null,
@@ -885,7 +888,7 @@ async function runCase(
     const warm = c.warmup
       ? await c.warmup(ctx)
       : opts.warmupS > 0
-        ? (await load(server.baseUrl, c.request, { connections: opts.connections, durationS: opts.warmupS }), {})
+        ? (await load(server.baseUrl, request, { connections: opts.connections, durationS: opts.warmupS }), {})
         : {};
     result.notes.push(...(warm.notes ?? []));
     result.problems.push(...(warm.problems ?? []));
@@ -895,7 +898,7 @@ async function runCase(
     const cpu = server.cpu();
     const run: CaseRun = c.measure
       ? await c.measure(ctx)
-      : { measurement: await load(server.baseUrl, c.request, { connections: opts.connections, durationS: opts.durationS }) };
+      : { measurement: await load(server.baseUrl, request, { connections: opts.connections, durationS: opts.durationS }) };
     result.cpu = cpu();
     const after = redis ? await redis.snapshot() : null;
     const mem = server.memory();
@@ -1012,7 +1015,8 @@ export function table(results: CaseResult[], roundTrips: string[] | null, rowLab
     rows.push(row);
     // A part shares the case's server: its RSS, CPU and Redis calls are the case's.
     for (const p of r.parts) {
-      rows.push([`  ↳ ${p.label}`, ...measurementCells(p.measurement, p.fixedRate, p.ratioToReference, p.p99RatioToReference), ...head.slice(11).map(() => '')]);
+      const cells = [`  ↳ ${p.label}`, ...measurementCells(p.measurement, p.fixedRate, p.ratioToReference, p.p99RatioToReference)];
+      rows.push([...cells, ...head.slice(cells.length).map(() => '')]);
     }
   }
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
