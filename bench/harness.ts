@@ -940,7 +940,7 @@ function serverEnv(spec: BenchmarkSpec, c: BenchCase, backends: Backends): Recor
 const ratio = (value: number, reference: number) => (reference > 0 ? Math.round((value / reference) * 1000) / 1000 : null);
 
 /** Fills in every row's ratios to the reference of the same round. */
-function applyRatios(results: CaseResult[], referenceId: string): void {
+export function applyRatios(results: CaseResult[], referenceId: string): void {
   const ref = results.find((r) => r.id === referenceId)?.measurement;
   if (!ref) return;
   const rows: { measurement: Measurement | null; fixedRate: boolean; ratioToReference: number | null; p99RatioToReference: number | null }[] = [
