@@ -71,7 +71,7 @@ const ENV_HELP = `Environment:
 /** The database for the run on a server that scripts/services-up.sh started: one of its own. */
 async function benchDatabaseOn(serverUrl: string): Promise<string> {
   const url = new URL(serverUrl);
-  const client = new pg.Client({ connectionString: serverUrl });
+  const client = new pg.Client({ connectionString: serverUrl, connectionTimeoutMillis: 10_000, statement_timeout: 30_000 });
   await client.connect();
   try {
     const { rowCount } = await client.query('SELECT 1 FROM pg_database WHERE datname = $1', [DATABASE_NAME_WHEN_STARTED]);

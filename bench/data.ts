@@ -86,7 +86,8 @@ export interface EnsureResult {
  */
 export async function ensureBenchData(databaseUrl: string, limits: Partial<Record<Group, OrgLimitOverrides>>): Promise<EnsureResult> {
   const started = performance.now();
-  const client = new pg.Client({ connectionString: databaseUrl });
+  // Bounded like every step of the run: a lock held elsewhere fails the setup instead of hanging it.
+  const client = new pg.Client({ connectionString: databaseUrl, connectionTimeoutMillis: 10_000, statement_timeout: 60_000 });
   await client.connect();
   const db: Queryable = {
     query: async <R>(sql: string, params?: readonly unknown[]) => {
