@@ -69,11 +69,8 @@ export class AppError extends Error {
     const status = statusOf(code);
     const limit = Error.stackTraceLimit;
     if (status < 500) Error.stackTraceLimit = 0;
-    try {
-      super(message);
-    } finally {
-      Error.stackTraceLimit = limit;
-    }
+    super(message); // Error's constructor does not throw: the limit is always restored
+    Error.stackTraceLimit = limit;
     this.name = 'AppError';
     this.statusCode = status;
   }
