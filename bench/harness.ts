@@ -36,6 +36,8 @@ export interface BenchOptions {
   rounds: number;
   quick: boolean;
   server: 'auto' | 'tsx' | 'dist';
+  /** Ids of the cases to run (the reference always runs); null: all. */
+  only: string[] | null;
 }
 
 function usage(buildIfStale: boolean): string {
@@ -46,6 +48,7 @@ function usage(buildIfStale: boolean): string {
   --rounds N        run the whole sequence of cases N times and report each case's median
                     round (default 1; use 3 or 5 on a machine that is not idle)
   --quick           1 s per case and 0.5 s warm-up: proves the benchmark works (CI)
+  --only ID,ID      run only these cases (and the reference), e.g. --only me,refused
   --server MODE     auto (default): dist/server.js if it is newer than every file in src/,
                     else ${buildIfStale ? 'npm run build first' : 'the sources through tsx'}; tsx; dist`;
 }
@@ -67,6 +70,7 @@ export function parseOptions(argv: string[], extraHelp: string[] = [], buildIfSt
         connections: { type: 'string' },
         rounds: { type: 'string' },
         quick: { type: 'boolean', default: false },
+        only: { type: 'string' },
         server: { type: 'string', default: 'auto' },
         help: { type: 'boolean', short: 'h', default: false },
       },
@@ -103,6 +107,7 @@ export function parseOptions(argv: string[], extraHelp: string[] = [], buildIfSt
     connections: Math.round(num('connections', values.connections, 50, 1, 10_000)),
     rounds: Math.round(num('rounds', values.rounds, 1, 1, 100)),
     server,
+    only: values.only ? values.only.split(',').map((id) => id.trim()).filter((id) => id !== '') : null,
   };
 }
 
@@ -1076,6 +1081,15 @@ function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
 export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slice(2)): Promise<number> {
   installCleanup();
   const opts = parseOptions(argv, spec.help, spec.buildIfStale, spec.envHelp);
+  if (opts.only) {
+    const unknown = opts.only.filter((id) => !spec.cases.some((c) => c.id === id));
+    if (unknown.length > 0) {
+      log(`--only: no case ${unknown.join(', ')} (cases: ${spec.cases.map((c) => c.id).join(', ')})`);
+      return 2;
+    }
+    const wanted = new Set([...opts.only, spec.referenceId]);
+    spec = { ...spec, cases: spec.cases.filter((c) => wanted.has(c.id)) };
+  }
   const startedAt = new Date();
   log(`${spec.title}`);
 

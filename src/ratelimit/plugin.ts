@@ -1,6 +1,7 @@
 import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
 import type { Config } from '../config/env.js';
 import { AppError } from '../errors.js';
+import { sendError } from '../middleware/errorHandler.js';
 import { effectiveLimits } from '../models/orgLimits.model.js';
 import { rateLimitPolicy, rateLimitState } from './headers.js';
 import type { Admission, RateLimiter } from './limiter.js';
@@ -80,7 +81,8 @@ export function registerOrgLimit(scope: FastifyInstance, limiter: RateLimiter, c
     const limits = effectiveLimits(config.rateLimit.defaults, request.orgLimitOverrides);
     const admission = await limiter.acquireOrg({ orgId: ctx.orgId, userId: ctx.userId, limits });
     setHeaders(reply, limits, admission);
-    if (!admission.allowed) throw refusal(admission.refusedBy ?? 'org_rate', admission.retryAfterSeconds);
+    // Answered here rather than thrown: a refused flood skips the error handler's work.
+    if (!admission.allowed) return sendError(request, reply, refusal(admission.refusedBy ?? 'org_rate', admission.retryAfterSeconds));
     // The client may have gone while we waited: onRequestAbort has run already, and no response
     // will ever finish, so nothing else would free the slot.
     if (request.raw.destroyed) {
