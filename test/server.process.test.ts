@@ -111,7 +111,7 @@ beforeAll(async () => {
   keepAliveServer = startServer({ database: await databaseFor(), env: { SHUTDOWN_TIMEOUT_MS: '8000' } });
   // All settle here, so a failed start fails the tests rather than going unhandled.
   await Promise.allSettled([mainServer, secondSignalServer, keepAliveServer]);
-});
+}, 120_000);
 afterAll(async () => {
   await Promise.allSettled([mainServer, secondSignalServer, keepAliveServer].map((p) => p?.then((s) => s.kill())));
   await Promise.all(tempDirs.map((d) => rm(d, { recursive: true, force: true })));

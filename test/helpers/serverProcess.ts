@@ -142,7 +142,9 @@ export async function startServer(opts: StartOptions): Promise<ServerProcess> {
       if (exited) throw new Error(`server exited before listening\n${describe()}`);
       return logs.find((l) => typeof l.msg === 'string' && l.msg.startsWith('llm-app listening'));
     },
-    opts.startTimeoutMs ?? 30_000,
+    // An embedded-database server starting while the rest of the suite runs in parallel on two
+    // cores can take tens of seconds (WASM PostgreSQL created, migrated, seeded): a generous bound.
+    opts.startTimeoutMs ?? 90_000,
     'the "llm-app listening" line',
   ).catch(async (err: unknown) => {
     child.kill('SIGKILL');
