@@ -26,10 +26,30 @@ export interface Transaction extends Queryable {
   exec(sql: string): Promise<void>;
 }
 
+/** One parameterised statement; `name` makes it a prepared statement on PostgreSQL (parsed once per connection). */
+export interface Statement {
+  readonly sql: string;
+  readonly params?: readonly unknown[];
+  readonly name?: string;
+}
+
+export interface TransactionOptions {
+  /**
+   * A statement that opens the transaction (settings such as the role): sent together with BEGIN,
+   * so it costs no round trip of its own. If it fails, `fn` never runs.
+   */
+  readonly setup?: Statement;
+}
+
 export interface Database extends Queryable {
   readonly kind: 'postgres' | 'pglite';
   /** BEGIN … COMMIT around `fn`; ROLLBACK if it throws. */
-  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+  transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T>;
+  /**
+   * BEGIN, `setup`, one statement, COMMIT: a transaction of one statement. On PostgreSQL the four
+   * go out together and come back in one round trip; a failure anywhere rolls back all of it.
+   */
+  queryInTransaction<R = Record<string, unknown>>(setup: Statement, sql: string, params?: readonly unknown[]): Promise<QueryResult<R>>;
   /** True when a trivial query answers within `timeoutMs`; never throws, never hangs longer. */
   health(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
@@ -74,6 +94,14 @@ function translate(err: unknown): unknown {
   return isUnavailableError(err) ? new DatabaseUnavailableError(err) : err;
 }
 
+const toError = (e: unknown): Error => (e instanceof Error ? e : new Error(String(e)));
+
+const toQueryConfig = (st: Statement): pg.QueryConfig => ({
+  text: st.sql,
+  ...(st.params ? { values: st.params as unknown[] } : {}),
+  ...(st.name ? { name: st.name } : {}),
+});
+
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
@@ -100,6 +128,9 @@ export function createPostgresDatabase(
     connectionTimeoutMillis: config.connectionTimeoutMs,
     application_name: 'llm-app',
     keepAlive: true,
+    // Statements of one transaction are sent without waiting for the previous answer where the
+    // code allows it (BEGIN with its setup statement; see queryInTransaction), saving round trips.
+    pipeline: true,
     ...(config.statementTimeoutMs > 0
       ? {
           statement_timeout: config.statementTimeoutMs,
@@ -115,6 +146,25 @@ export function createPostgresDatabase(
   });
 
   let closed = false;
+  // A checked-out client whose socket dies emits 'error' (writes of pipelined statements can meet
+  // the dead socket before any answer does); the pool listens only while the client is idle.
+  // Its queries fail with the error anyway, so while it is checked out the event is only absorbed.
+  const absorb = (): void => undefined;
+  const connect = async (): Promise<pg.PoolClient> => {
+    if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+    let client: pg.PoolClient;
+    try {
+      client = await pool.connect();
+    } catch (err) {
+      throw translate(err);
+    }
+    client.on('error', absorb);
+    return client;
+  };
+  const release = (client: pg.PoolClient, err?: Error): void => {
+    client.off('error', absorb);
+    client.release(err);
+  };
   const query = async <R>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> => {
     if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
     try {
@@ -128,14 +178,8 @@ export function createPostgresDatabase(
   return {
     kind: 'postgres',
     query,
-    async transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
-      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
-      let client: pg.PoolClient;
-      try {
-        client = await pool.connect();
-      } catch (err) {
-        throw translate(err);
-      }
+    async transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T> {
+      const client = await connect();
       const tx: Transaction = {
         async query<R>(sql: string, params?: readonly unknown[]) {
           const res = await client.query(sql, params as unknown[] | undefined);
@@ -147,7 +191,9 @@ export function createPostgresDatabase(
       };
       let broken: Error | undefined;
       try {
-        await client.query('BEGIN');
+        // Pipelined: BEGIN and the setup travel together. `fn` starts only once both have
+        // succeeded, so nothing of it can run outside the transaction or without its setup.
+        await Promise.all([client.query('BEGIN'), ...(options?.setup ? [client.query(toQueryConfig(options.setup))] : [])]);
         const result = await fn(tx);
         await client.query('COMMIT');
         return result;
@@ -160,8 +206,26 @@ export function createPostgresDatabase(
         }
         throw translate(err);
       } finally {
-        client.release(broken);
+        release(client, broken);
       }
+    },
+    async queryInTransaction<R>(setup: Statement, sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> {
+      const client = await connect();
+      // All four in one round trip. A failed statement aborts the transaction, so the ones after
+      // it fail too and COMMIT ends it as a rollback; the results are read only if all succeeded.
+      const [begin, set, res, commit] = await Promise.allSettled([
+        client.query('BEGIN'),
+        client.query(toQueryConfig(setup)),
+        client.query(sql, params as unknown[] | undefined),
+        client.query('COMMIT'),
+      ]);
+      const failed = [begin, set, res, commit].find((r) => r.status === 'rejected');
+      // Whatever failed, the session is idle again unless the COMMIT itself could not be
+      // answered (a dead connection): then the pool must not reuse it.
+      release(client, commit.status === 'rejected' ? toError(commit.reason) : undefined);
+      if (failed) throw translate(failed.reason);
+      const out = (res as PromiseFulfilledResult<pg.QueryResult>).value;
+      return { rows: out.rows as R[], rowCount: out.rowCount ?? 0 };
     },
     async health(timeoutMs: number) {
       if (closed) return false;
@@ -216,9 +280,21 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
       return root.query(sql, params);
     },
-    transaction: async (fn) => {
+    transaction: async (fn, options) => {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
-      return db.transaction((tx) => fn(wrap(tx)));
+      return db.transaction(async (tx) => {
+        const w = wrap(tx);
+        if (options?.setup) await w.query(options.setup.sql, options.setup.params);
+        return fn(w);
+      });
+    },
+    queryInTransaction: async <R>(setup: Statement, sql: string, params?: readonly unknown[]) => {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      return db.transaction(async (tx) => {
+        const w = wrap(tx);
+        await w.query(setup.sql, setup.params);
+        return w.query<R>(sql, params);
+      });
     },
     async health(timeoutMs: number) {
       if (closed) return false;
