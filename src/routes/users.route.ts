@@ -3,6 +3,7 @@ import { z } from 'zod';
 import { notFound } from '../errors.js';
 import type { Database } from '../infra/database.js';
 import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
+import { requestMetaOf } from '../middleware/requestMeta.js';
 import {
   createUserInOrg,
   findUserInOrg,
@@ -92,7 +93,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
       },
     },
     async (request, reply) => {
-      const user = await createUserInOrg(db, contextOf(request), request.body);
+      const user = await createUserInOrg(db, contextOf(request), request.body, requestMetaOf(request));
       return reply.code(201).send(toUserDto(user));
     },
   );
@@ -109,7 +110,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
         response: { 200: UserSchema, ...errors(...AUTH_ERRORS, 404, 409) },
       },
     },
-    async (request) => toUserDto(await updateUserInOrg(db, contextOf(request), request.params.id, request.body)),
+    async (request) => toUserDto(await updateUserInOrg(db, contextOf(request), request.params.id, request.body, requestMetaOf(request))),
   );
 
   app.delete(
@@ -124,7 +125,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
       },
     },
     async (request, reply) => {
-      await softDeleteUserInOrg(db, contextOf(request), request.params.id);
+      await softDeleteUserInOrg(db, contextOf(request), request.params.id, requestMetaOf(request));
       return reply.code(204).send(null);
     },
   );
