@@ -6,7 +6,7 @@
  * case needs to differ in is its server environment, its request, and two optional checks that
  * say whether the setup was right (never whether it was fast enough: this is a measurement).
  */
-import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import { mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
 import { createServer } from 'node:net';
 import os from 'node:os';
@@ -38,7 +38,8 @@ export interface BenchOptions {
   server: 'auto' | 'tsx' | 'dist';
 }
 
-const USAGE = `Options:
+function usage(buildIfStale: boolean): string {
+  return `Options:
   --duration N      seconds each case is measured (default 10)
   --warmup N        seconds of load before each measurement, not counted (default 1)
   --connections N   concurrent connections (default 50)
@@ -46,12 +47,16 @@ const USAGE = `Options:
                     round (default 1; use 3 or 5 on a machine that is not idle)
   --quick           1 s per case and 0.5 s warm-up: proves the benchmark works (CI)
   --server MODE     auto (default): dist/server.js if it is newer than every file in src/,
-                    else the sources through tsx; tsx; dist
-Environment:
+                    else ${buildIfStale ? 'npm run build first' : 'the sources through tsx'}; tsx; dist`;
+}
+
+const ENV_HELP = `Environment:
   BENCH_DATABASE_URL or DATABASE_URL   PostgreSQL (else the embedded PGlite in a temporary folder)
   BENCH_REDIS_URL or REDIS_URL         Redis (else the in-memory limiter)`;
 
-export function parseOptions(argv: string[], extraHelp: string[] = []): BenchOptions {
+/** `envHelp`: replaces the default description of the environment in --help. */
+export function parseOptions(argv: string[], extraHelp: string[] = [], buildIfStale = false, envHelp = ENV_HELP): BenchOptions {
+  const help = [usage(buildIfStale), envHelp, ...extraHelp.map((l) => `  ${l}`)].join('\n');
   let values;
   try {
     ({ values } = parseArgs({
@@ -69,11 +74,11 @@ export function parseOptions(argv: string[], extraHelp: string[] = []): BenchOpt
       allowPositionals: false,
     }));
   } catch (err) {
-    process.stderr.write(`${(err as Error).message}\n${[USAGE, ...extraHelp.map((l) => `  ${l}`)].join('\n')}\n`);
+    process.stderr.write(`${(err as Error).message}\n${help}\n`);
     process.exit(2);
   }
   if (values.help) {
-    process.stdout.write(`${[USAGE, ...extraHelp.map((l) => `  ${l}`)].join('\n')}\n`);
+    process.stdout.write(`${help}\n`);
     process.exit(0);
   }
   const num = (name: string, raw: string | undefined, fallback: number, min: number, max: number): number => {
@@ -134,7 +139,7 @@ function installCleanup(): void {
   }
 }
 
-function makeTempDir(prefix: string): string {
+export function makeTempDir(prefix: string): string {
   const dir = mkdtempSync(path.join(os.tmpdir(), prefix));
   tempDirs.add(dir);
   return dir;
@@ -159,7 +164,7 @@ export function redact(url: string): string {
   }
 }
 
-function nonEmpty(v: string | undefined): string | undefined {
+export function nonEmpty(v: string | undefined): string | undefined {
   return v === undefined || v.trim() === '' ? undefined : v;
 }
 
@@ -198,7 +203,20 @@ function newestMtimeMs(dir: string): number {
   return newest;
 }
 
-export function serverCommand(mode: BenchOptions['server']): ServerCommand {
+function distState(): 'missing' | 'stale' | 'fresh' {
+  try {
+    const built = statSync(path.join(REPO_ROOT, 'dist', 'server.js')).mtimeMs;
+    return built >= newestMtimeMs(path.join(REPO_ROOT, 'src')) ? 'fresh' : 'stale';
+  } catch {
+    return 'missing';
+  }
+}
+
+/**
+ * How the app is started. `auto`: dist/server.js when it is newer than every file in src/; when it
+ * is not, the sources through tsx, or with `buildIfStale` a fresh `npm run build` first.
+ */
+export function serverCommand(mode: BenchOptions['server'], buildIfStale = false): ServerCommand {
   const tsx: ServerCommand = {
     mode: 'tsx',
     args: ['--import', 'tsx', 'src/server.ts'],
@@ -206,20 +224,47 @@ export function serverCommand(mode: BenchOptions['server']): ServerCommand {
     why: '',
   };
   const dist: ServerCommand = { mode: 'dist', args: ['dist/server.js'], display: 'node dist/server.js', why: '' };
-  const distEntry = path.join(REPO_ROOT, 'dist', 'server.js');
-  let distState: 'missing' | 'stale' | 'fresh' = 'missing';
-  try {
-    distState = statSync(distEntry).mtimeMs >= newestMtimeMs(path.join(REPO_ROOT, 'src')) ? 'fresh' : 'stale';
-  } catch {
-    distState = 'missing';
-  }
+  let state = distState();
   if (mode === 'tsx') return { ...tsx, why: 'asked for with --server tsx' };
   if (mode === 'dist') {
-    if (distState === 'missing') throw new Error('--server dist: dist/server.js does not exist; run npm run build');
-    return { ...dist, why: distState === 'fresh' ? 'asked for with --server dist' : 'asked for with --server dist (older than src/!)' };
+    if (state === 'missing') throw new Error('--server dist: dist/server.js does not exist; run npm run build');
+    return { ...dist, why: state === 'fresh' ? 'asked for with --server dist' : 'asked for with --server dist (older than src/!)' };
   }
-  if (distState === 'fresh') return { ...dist, why: 'dist/ is newer than every file in src/' };
-  return { ...tsx, why: distState === 'missing' ? 'no dist/server.js (npm run build)' : 'dist/ is older than src/ (npm run build)' };
+  if (state === 'fresh') return { ...dist, why: 'dist/ is newer than every file in src/' };
+  if (buildIfStale) {
+    const before = state;
+    log(`  building dist/ (npm run build): ${before === 'missing' ? 'there is no dist/server.js' : 'dist/ is older than src/'}`);
+    // The build's output goes to stderr: stdout carries only the results.
+    const built = spawnSync('npm', ['run', 'build'], { cwd: REPO_ROOT, stdio: ['ignore', 2, 2] });
+    state = distState();
+    if (built.status !== 0 || state !== 'fresh') throw new Error(`npm run build failed (status ${built.status ?? built.signal})`);
+    return { ...dist, why: `built by this run (${before === 'missing' ? 'there was no dist/' : 'dist/ was older than src/'})` };
+  }
+  return { ...tsx, why: state === 'missing' ? 'no dist/server.js (npm run build)' : 'dist/ is older than src/ (npm run build)' };
+}
+
+/**
+ * The reference server (bench/reference-server.ts), started the way `app` is: through tsx when the
+ * app runs from its sources, else as plain JavaScript, compiled from the TypeScript source by the
+ * same compiler that builds dist/ (one file, so its transpileModule is enough).
+ */
+export async function referenceCommand(app: ServerCommand): Promise<ServerCommand> {
+  const source = 'bench/reference-server.ts';
+  if (app.mode === 'tsx') {
+    return { mode: 'tsx', args: ['--import', 'tsx', source], display: `node --import tsx ${source}`, why: 'like the app: from its sources through tsx' };
+  }
+  const { default: ts } = await import('typescript');
+  const out = ts.transpileModule(readFileSync(path.join(REPO_ROOT, source), 'utf8'), {
+    compilerOptions: { target: ts.ScriptTarget.ES2023, module: ts.ModuleKind.ESNext },
+    fileName: source,
+  });
+  // Inside node_modules/ so that its `import 'fastify'` finds the same Fastify as the app's.
+  const dir = path.join(REPO_ROOT, 'node_modules', '.cache', 'llm-app-bench');
+  mkdirSync(dir, { recursive: true });
+  const file = path.join(dir, 'reference-server.mjs');
+  writeFileSync(file, out.outputText);
+  const rel = path.relative(REPO_ROOT, file);
+  return { mode: 'dist', args: [rel], display: `node ${rel}`, why: `like the app: compiled JavaScript (from ${source})` };
 }
 
 async function freePort(): Promise<number> {
@@ -451,6 +496,23 @@ export interface RequestSpec {
   method?: 'GET';
   path: string;
   headers?: Record<string, string>;
+  /**
+   * Called as each request is built (once per request sent): headers added to `headers` for that
+   * request only, e.g. a different user each time.
+   */
+  headersPerRequest?: () => Record<string, string>;
+}
+
+export interface LoadOptions {
+  connections: number;
+  /** Seconds of load. Without it, `amount` requests in all. */
+  durationS?: number;
+  /** Exactly this many requests in all (over every connection), then stop. */
+  amount?: number;
+  /** Requests per second over all connections (autocannon's overallRate); unset: as fast as answered. */
+  overallRate?: number;
+  /** With `amount`: a run still going after this many seconds is stopped and marked `overran`. */
+  timeLimitS?: number;
 }
 
 export interface Measurement {
@@ -496,17 +558,27 @@ class Samples {
   }
 }
 
-export async function load(baseUrl: string, req: RequestSpec, opts: { connections: number; durationS: number }): Promise<Measurement> {
+export async function load(baseUrl: string, req: RequestSpec, opts: LoadOptions): Promise<Measurement> {
   const samples = new Samples();
   let overran = false;
+  const perRequest = req.headersPerRequest;
+  // autocannon calls setupRequest once for every request it sends (the first one of each
+  // connection included), so each call is one request on the wire.
+  const requests = perRequest
+    ? [{ setupRequest: (r: autocannon.Request) => ({ ...r, headers: { ...r.headers, ...perRequest() } }) }]
+    : undefined;
+  const limitS = opts.durationS ?? opts.timeLimitS ?? 60;
   const result = await new Promise<autocannon.Result>((resolve, reject) => {
     const instance = autocannon(
       {
         url: baseUrl + req.path,
         method: req.method ?? 'GET',
         headers: req.headers ?? {},
-        connections: opts.connections,
-        duration: opts.durationS,
+        // autocannon refuses more connections than requests.
+        connections: opts.amount ? Math.min(opts.connections, opts.amount) : opts.connections,
+        ...(opts.amount ? { amount: opts.amount } : { duration: opts.durationS ?? limitS }),
+        ...(opts.overallRate ? { overallRate: opts.overallRate } : {}),
+        ...(requests ? { requests } : {}),
         timeout: REQUEST_TIMEOUT_S,
       },
       (err, res) => {
@@ -517,10 +589,13 @@ export async function load(baseUrl: string, req: RequestSpec, opts: { connection
     );
     // responseTime: milliseconds as a float, from process.hrtime around each request.
     instance.on('response', (_client, _status, _bytes, responseTime) => samples.add(responseTime * 1000));
-    const guard = setTimeout(() => {
-      overran = true;
-      instance.stop();
-    }, opts.durationS * 1000 + RUN_GRACE_MS);
+    const guard = setTimeout(
+      () => {
+        overran = true;
+        instance.stop();
+      },
+      opts.amount ? limitS * 1000 : limitS * 1000 + RUN_GRACE_MS,
+    );
   });
   const byCode: Record<string, number> = {};
   for (const [code, stat] of Object.entries(result.statusCodeStats ?? {})) byCode[code] = stat.count ?? 0;
@@ -587,39 +662,97 @@ function diffCounts(before: Record<string, number>, after: Record<string, number
 // ---------------------------------------------------------------------------------------------
 // Cases and the run
 
+/** What a case's own phases get. */
+export interface CaseContext {
+  server: ServerHandle;
+  opts: BenchOptions;
+  /** Progress on stderr, indented under the case. */
+  log: (line: string) => void;
+}
+
+/** What a phase found wrong (the case then counts as failed) or worth saying. */
+export interface PhaseOutcome {
+  problems?: string[];
+  notes?: string[];
+}
+
+/** Another load measured in the same case at the same time: one more row, under the case's own. */
+export interface MeasuredPart {
+  label: string;
+  measurement: Measurement;
+  /** Sent at a fixed rate: its req/s is that rate, so it gets no ratio to the reference. */
+  fixedRate?: boolean;
+}
+
+export interface CaseRun extends PhaseOutcome {
+  /** The case's row. */
+  measurement: Measurement;
+  parts?: MeasuredPart[];
+}
+
 export interface BenchCase {
-  /** Short id used in the table and to name the reference ("a"). */
+  /** Short id: names the reference and the case in the JSON. */
   id: string;
   title: string;
+  /** The app (default), or the bare Fastify reference server (bench/reference-server.ts). */
+  program?: 'app' | 'reference';
   /** Server environment of this case, on top of the benchmark's common environment. */
   env: Record<string, string>;
-  request: RequestSpec;
+  /** This case's database and Redis, asked for each time it runs (default: the run's). */
+  backends?: () => Backends;
+  /** What the default warm-up and measurement send; a function when it depends on data made at run time. */
+  request: RequestSpec | (() => RequestSpec);
+  /** The measured requests go at a fixed rate: no req/s ratio to the reference. */
+  fixedRate?: boolean;
   /**
    * Runs once against the fresh server, before the warm-up. Returns what is wrong with the setup
    * (empty when all is well): the case is then not measured.
    */
   probe?: (server: ServerHandle) => Promise<string[]>;
+  /** Instead of the default warm-up (`request` for --warmup seconds); never counted. */
+  warmup?: (ctx: CaseContext) => Promise<PhaseOutcome>;
+  /** Instead of the default measurement (`request` for --duration seconds). CPU and Redis calls are counted around it. */
+  measure?: (ctx: CaseContext) => Promise<CaseRun>;
   /** Looks at the measurement; returns what shows the setup was wrong (never a speed target). */
-  check?: (m: Measurement) => string[];
+  check?: (m: Measurement, run: CaseRun) => string[];
+}
+
+export interface PartResult extends MeasuredPart {
+  fixedRate: boolean;
+  ratioToReference: number | null;
+  p99RatioToReference: number | null;
 }
 
 export interface CaseResult {
   id: string;
   title: string;
+  program: 'app' | 'reference';
+  command: string;
   env: Record<string, string>;
-  request: { method: string; path: string };
+  request: { method: string; path: string; headersPerRequest: boolean };
   startupMs: number | null;
   limiter: string | null;
   measurement: Measurement | null;
+  fixedRate: boolean;
+  /** req/s over the reference's req/s in the same round. */
   ratioToReference: number | null;
-  /** Only in the summary of several rounds: the lowest and highest req/s, and how many rounds. */
-  rounds?: { count: number; requestsPerSecondMin: number; requestsPerSecondMax: number; ratios: number[] };
+  /** p99 over the reference's p99 in the same round. */
+  p99RatioToReference: number | null;
+  parts: PartResult[];
+  /** Only in the summary of several rounds: the lowest and highest req/s, and every round's ratios. */
+  rounds?: { count: number; requestsPerSecondMin: number; requestsPerSecondMax: number; ratios: number[]; p99Ratios: number[] };
   rssMb: number | null;
   peakRssMb: number | null;
   redisCalls: Record<string, number> | null;
   cpu: CpuUse | null;
   serverWarnings: string[];
   problems: string[];
+  notes: string[];
+}
+
+export interface ResolvedBackends {
+  backends: Backends;
+  /** Where they came from, when that needs saying (printed and kept in the JSON). */
   notes: string[];
 }
 
@@ -635,8 +768,21 @@ export interface BenchmarkSpec {
   redisRoundTrips?: string[];
   /** More lines for --help (environment variables of this benchmark). */
   help?: string[];
+  /** Replaces the description of where the database and Redis come from in --help. */
+  envHelp?: string;
+  /** Where the database and Redis come from (default: resolveBackends()). */
+  backends?: () => Promise<ResolvedBackends>;
+  /** `--server auto` builds dist/ when it is missing or older than src/ (default: the sources through tsx). */
+  buildIfStale?: boolean;
+  /**
+   * Runs once the database is migrated and seeded, before any case: creates what the cases need.
+   * Returns lines to print. A throw stops the run (a setup failure).
+   */
+  prepare?: (backends: Backends) => Promise<string[]>;
+  /** The first cell of a case's row (default: "<id>. <title>"). */
+  rowLabel?: (r: CaseResult) => string;
   /** Printed after the table. */
-  footer?: (results: CaseResult[], backends: Backends) => string[];
+  footer?: (results: CaseResult[], backends: Backends, opts: BenchOptions) => string[];
 }
 
 function gitInfo(): { commit: string | null; dirty: boolean | null } {
@@ -649,7 +795,8 @@ function gitInfo(): { commit: string | null; dirty: boolean | null } {
   }
 }
 
-function log(line: string): void {
+/** Progress: on stderr, so that stdout carries only the results. */
+export function log(line: string): void {
   process.stderr.write(`${line}\n`);
 }
 
@@ -664,23 +811,46 @@ async function waitForLimiter(server: ServerHandle, wanted: string, timeoutMs: n
   return mode;
 }
 
+/** What shows that a load did not run as it should (labelled when it is a part). */
+function loadProblems(m: Measurement, label: string): string[] {
+  const who = label ? `${label}: ` : '';
+  const out: string[] = [];
+  if (m.overran) out.push(`${who}the load did not end in time and was stopped`);
+  if (m.responses === 0) out.push(`${who}no response at all (${m.errors} errors, ${m.timeouts} timeouts)`);
+  return out;
+}
+
+interface Commands {
+  app: ServerCommand;
+  reference: ServerCommand | null;
+}
+
 async function runCase(
   c: BenchCase,
   spec: BenchmarkSpec,
-  cmd: ServerCommand,
-  backends: Backends,
+  commands: Commands,
+  runBackends: Backends,
   opts: BenchOptions,
   redis: RedisCounter | null,
 ): Promise<CaseResult> {
+  const program = c.program ?? 'app';
+  const cmd = program === 'reference' ? commands.reference : commands.app;
+  const backends = c.backends?.() ?? runBackends;
+  const request = typeof c.request === 'function' ? c.request() : c.request;
   const result: CaseResult = {
     id: c.id,
     title: c.title,
+    program,
+    command: cmd?.display ?? '',
     env: c.env,
-    request: { method: c.request.method ?? 'GET', path: c.request.path },
+    request: { method: request.method ?? 'GET', path: request.path, headersPerRequest: Boolean(request.headersPerRequest) },
     startupMs: null,
     limiter: null,
     measurement: null,
+    fixedRate: c.fixedRate ?? false,
     ratioToReference: null,
+    p99RatioToReference: null,
+    parts: [],
     rssMb: null,
     peakRssMb: null,
     redisCalls: null,
@@ -689,43 +859,66 @@ async function runCase(
     problems: [],
     notes: [],
   };
-  const expectedLimiter = backends.redisUrl ? 'redis' : 'memory';
+  if (!cmd) {
+    result.problems.push('no command for the reference server');
+    return result;
+  }
+  // The reference server has no limiter; the app's must be the one its backends call for.
+  const expectedLimiter = program === 'app' ? (backends.redisUrl ? 'redis' : 'memory') : null;
   let server: ServerHandle;
   try {
-    server = await startServer(cmd, serverEnv(spec, c, backends));
+    server = await startServer(cmd, program === 'app' ? serverEnv(spec, c, backends) : { ...spec.commonEnv, ...c.env });
   } catch (err) {
     result.problems.push((err as Error).message);
     return result;
   }
   log(`    server pid ${server.pid}, answering after ${server.startupMs} ms`);
+  const ctx: CaseContext = { server, opts, log: (line) => log(`    ${line}`) };
   try {
     result.startupMs = server.startupMs;
     result.problems.push(...((await c.probe?.(server)) ?? []));
-    // The server's Redis client connects in the background: a request that comes before it is
-    // connected is limited in memory and the limiter reports "degraded" until its next probe.
-    const mode = await waitForLimiter(server, expectedLimiter, 5_000);
-    if (mode !== expectedLimiter) result.problems.push(`the server's limiter is "${mode}", expected "${expectedLimiter}"`);
+    if (expectedLimiter) {
+      // The server's Redis client connects in the background: a request that comes before it is
+      // connected is limited in memory and the limiter reports "degraded" until its next probe.
+      const mode = await waitForLimiter(server, expectedLimiter, 5_000);
+      if (mode !== expectedLimiter) result.problems.push(`the server's limiter is "${mode}", expected "${expectedLimiter}"`);
+    }
     if (result.problems.length > 0) return result;
 
-    if (opts.warmupS > 0) await load(server.baseUrl, c.request, { connections: opts.connections, durationS: opts.warmupS });
+    const warm = c.warmup
+      ? await c.warmup(ctx)
+      : opts.warmupS > 0
+        ? (await load(server.baseUrl, request, { connections: opts.connections, durationS: opts.warmupS }), {})
+        : {};
+    result.notes.push(...(warm.notes ?? []));
+    result.problems.push(...(warm.problems ?? []));
+    if (result.problems.length > 0) return result;
+
     const before = redis ? await redis.snapshot() : null;
     const cpu = server.cpu();
-    const m = await load(server.baseUrl, c.request, { connections: opts.connections, durationS: opts.durationS });
+    const run: CaseRun = c.measure
+      ? await c.measure(ctx)
+      : { measurement: await load(server.baseUrl, request, { connections: opts.connections, durationS: opts.durationS }) };
     result.cpu = cpu();
     const after = redis ? await redis.snapshot() : null;
     const mem = server.memory();
+    const m = run.measurement;
     result.measurement = m;
+    result.parts = (run.parts ?? []).map((p) => ({ ...p, fixedRate: p.fixedRate ?? false, ratioToReference: null, p99RatioToReference: null }));
     result.rssMb = mem.rssMb;
     result.peakRssMb = mem.peakRssMb;
     if (before && after) result.redisCalls = diffCounts(before, after);
+    result.notes.push(...(run.notes ?? []));
+    result.problems.push(...(run.problems ?? []));
 
-    result.limiter = String((await server.health()).rateLimiter);
-    if (result.limiter !== expectedLimiter) {
-      result.notes.push(`after the run the server's limiter was "${result.limiter}" (expected "${expectedLimiter}"): see its warnings`);
+    if (expectedLimiter) {
+      result.limiter = String((await server.health()).rateLimiter);
+      if (result.limiter !== expectedLimiter) {
+        result.notes.push(`after the run the server's limiter was "${result.limiter}" (expected "${expectedLimiter}"): see its warnings`);
+      }
     }
-    if (m.overran) result.problems.push(`the run did not end within ${RUN_GRACE_MS / 1000} s after its duration`);
-    if (m.responses === 0) result.problems.push(`no response at all (${m.errors} errors, ${m.timeouts} timeouts)`);
-    result.problems.push(...(c.check?.(m) ?? []));
+    result.problems.push(...loadProblems(m, ''), ...result.parts.flatMap((p) => loadProblems(p.measurement, p.label)));
+    result.problems.push(...(c.check?.(m, run) ?? []));
   } catch (err) {
     result.problems.push((err as Error).message);
   } finally {
@@ -744,40 +937,88 @@ function serverEnv(spec: BenchmarkSpec, c: BenchCase, backends: Backends): Recor
   };
 }
 
+const ratio = (value: number, reference: number) => (reference > 0 ? Math.round((value / reference) * 1000) / 1000 : null);
+
+/** Fills in every row's ratios to the reference of the same round. */
+export function applyRatios(results: CaseResult[], referenceId: string): void {
+  const ref = results.find((r) => r.id === referenceId)?.measurement;
+  if (!ref) return;
+  const rows: { measurement: Measurement | null; fixedRate: boolean; ratioToReference: number | null; p99RatioToReference: number | null }[] = [
+    ...results,
+    ...results.flatMap((r) => r.parts),
+  ];
+  for (const row of rows) {
+    if (!row.measurement) continue;
+    row.ratioToReference = row.fixedRate ? null : ratio(row.measurement.requestsPerSecond.mean, ref.requestsPerSecond.mean);
+    row.p99RatioToReference = ratio(row.measurement.latencyUs.p99, ref.latencyUs.p99);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Output
 
 const fmtInt = (n: number) => Math.round(n).toLocaleString('en-US');
+const fmtRatio = (r: number | null) => (r === null ? '' : `${r.toFixed(2)}x`);
 
-export function table(results: CaseResult[], roundTrips: string[] | null): string {
+export function table(results: CaseResult[], roundTrips: string[] | null, rowLabel: (r: CaseResult) => string = (r) => `${r.id}. ${r.title}`): string {
   const withRange = results.some((r) => r.rounds !== undefined);
-  const head = ['case', 'req/s', ...(withRange ? ['range'] : []), 'vs ref', 'p50 µs', 'p99 µs', '2xx', '429', 'other', 'errors', 'RSS MB', 'server CPU', 'rest CPU'];
+  const head = [
+    'case',
+    'req/s',
+    ...(withRange ? ['range'] : []),
+    'vs ref',
+    'p50 µs',
+    'p99 µs',
+    'p99 vs ref',
+    '2xx',
+    '429',
+    'other',
+    'errors',
+    'RSS MB',
+    'server CPU',
+    'rest CPU',
+  ];
   if (roundTrips) head.push('Redis calls/req');
-  const rows = results.map((r) => {
+  const measurementCells = (m: Measurement, fixedRate: boolean, rps: number | null, p99: number | null) => [
+    fmtInt(m.requestsPerSecond.mean),
+    ...(withRange ? [''] : []),
+    fixedRate ? 'fixed' : fmtRatio(rps),
+    fmtInt(m.latencyUs.p50),
+    fmtInt(m.latencyUs.p99),
+    fmtRatio(p99),
+    fmtInt(m.status['2xx']),
+    fmtInt(m.status['429']),
+    fmtInt(m.status.otherNon2xx),
+    fmtInt(m.errors),
+  ];
+  const rows: string[][] = [];
+  for (const r of results) {
     const m = r.measurement;
-    if (!m) return [`${r.id}. ${r.title}`, 'FAILED', ...head.slice(2).map(() => '')];
+    if (!m) {
+      rows.push([rowLabel(r), 'FAILED', ...head.slice(2).map(() => '')]);
+      continue;
+    }
     const pct = (v: number | null | undefined) => (v === null || v === undefined ? 'n/a' : `${v.toFixed(0)}%`);
     const row = [
-      `${r.id}. ${r.title}`,
-      fmtInt(m.requestsPerSecond.mean),
-      ...(withRange && r.rounds ? [`${fmtInt(r.rounds.requestsPerSecondMin)}–${fmtInt(r.rounds.requestsPerSecondMax)}`] : withRange ? [''] : []),
-      r.ratioToReference === null ? '' : `${r.ratioToReference.toFixed(2)}x`,
-      fmtInt(m.latencyUs.p50),
-      fmtInt(m.latencyUs.p99),
-      fmtInt(m.status['2xx']),
-      fmtInt(m.status['429']),
-      fmtInt(m.status.otherNon2xx),
-      fmtInt(m.errors),
+      rowLabel(r),
+      ...measurementCells(m, r.fixedRate, r.ratioToReference, r.p99RatioToReference),
       r.rssMb === null ? 'n/a' : r.rssMb.toFixed(0),
       pct(r.cpu?.serverCorePct),
       pct(r.cpu?.othersCorePct),
     ];
+    if (withRange && r.rounds) row[2] = `${fmtInt(r.rounds.requestsPerSecondMin)}–${fmtInt(r.rounds.requestsPerSecondMax)}`;
     if (roundTrips) {
       const calls = roundTrips.reduce((sum, cmd) => sum + (r.redisCalls?.[cmd] ?? 0), 0);
-      row.push(m.responses > 0 && r.redisCalls ? (calls / m.responses).toFixed(3) : 'n/a');
+      const responses = m.responses + r.parts.reduce((sum, p) => sum + p.measurement.responses, 0);
+      row.push(responses > 0 && r.redisCalls ? (calls / responses).toFixed(3) : 'n/a');
     }
-    return row;
-  });
+    rows.push(row);
+    // A part shares the case's server: its RSS, CPU and Redis calls are the case's.
+    for (const p of r.parts) {
+      const cells = [`  ↳ ${p.label}`, ...measurementCells(p.measurement, p.fixedRate, p.ratioToReference, p.p99RatioToReference)];
+      rows.push([...cells, ...head.slice(cells.length).map(() => '')]);
+    }
+  }
   const widths = head.map((h, i) => Math.max(h.length, ...rows.map((row) => row[i]!.length)));
   const line = (cells: string[]) =>
     `| ${cells.map((cell, i) => (i === 0 ? cell.padEnd(widths[i]!) : cell.padStart(widths[i]!))).join(' | ')} |`;
@@ -797,8 +1038,8 @@ function median(values: number[]): number {
 
 /**
  * One row per case. With one round, that round's result. With several, the round whose req/s is
- * the median (the lower of the two middle ones for an even count), its ratio replaced by the
- * median of all rounds' ratios, and every round's problems.
+ * the median (the lower of the two middle ones for an even count), its ratios replaced by the
+ * medians of all rounds' ratios, and every round's problems.
  */
 function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
   const out: CaseResult[] = [];
@@ -813,14 +1054,17 @@ function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
     const pick = measured[Math.floor((measured.length - 1) / 2)] ?? all[0]!;
     const rps = measured.map((r) => r.measurement!.requestsPerSecond.mean);
     const ratios = all.map((r) => r.ratioToReference).filter((x): x is number => x !== null);
+    const p99Ratios = all.map((r) => r.p99RatioToReference).filter((x): x is number => x !== null);
     out.push({
       ...pick,
       ratioToReference: ratios.length > 0 ? Math.round(median(ratios) * 1000) / 1000 : null,
+      p99RatioToReference: p99Ratios.length > 0 ? Math.round(median(p99Ratios) * 1000) / 1000 : null,
       rounds: {
         count: all.length,
         requestsPerSecondMin: rps.length > 0 ? Math.min(...rps) : 0,
         requestsPerSecondMax: rps.length > 0 ? Math.max(...rps) : 0,
         ratios,
+        p99Ratios,
       },
       problems: all.flatMap((r, i) => r.problems.map((p) => `round ${i + 1}: ${p}`)),
     });
@@ -831,17 +1075,30 @@ function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
 /** Runs every case, prints the table, writes the JSON; resolves with the process exit code. */
 export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slice(2)): Promise<number> {
   installCleanup();
-  const opts = parseOptions(argv, spec.help);
+  const opts = parseOptions(argv, spec.help, spec.buildIfStale, spec.envHelp);
   const startedAt = new Date();
-  const cmd = serverCommand(opts.server);
-  const backends = resolveBackends();
+  log(`${spec.title}`);
+
+  let commands: Commands;
+  let resolved: ResolvedBackends;
+  try {
+    const app = serverCommand(opts.server, spec.buildIfStale);
+    commands = { app, reference: spec.cases.some((c) => c.program === 'reference') ? await referenceCommand(app) : null };
+    resolved = spec.backends ? await spec.backends() : { backends: resolveBackends(), notes: [] };
+  } catch (err) {
+    log(`FAILED: ${(err as Error).message}`);
+    cleanupSync();
+    return 1;
+  }
+  const backends = resolved.backends;
   const described = describeBackends(backends);
   const roundTrips = backends.redisUrl ? (spec.redisRoundTrips ?? null) : null;
 
-  log(`${spec.title}`);
-  log(`  server:    ${cmd.display} (${cmd.why})`);
+  log(`  server:    ${commands.app.display} (${commands.app.why})`);
+  if (commands.reference) log(`  reference: ${commands.reference.display} (${commands.reference.why})`);
   log(`  database:  ${described.database}`);
   log(`  redis:     ${described.redis}`);
+  for (const note of resolved.notes) log(`             ${note}`);
   log(`  load:      autocannon, ${opts.connections} connections, ${opts.warmupS} s warm-up + ${opts.durationS} s per case`);
   const loadBefore = os.loadavg();
   if (loadBefore[0]! > 0.5) {
@@ -851,15 +1108,22 @@ export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slic
   let redis: RedisCounter | null = null;
   const rounds: CaseResult[][] = [];
   let setupError: string | null = null;
+  let prepared: string[] = [];
   try {
     if (backends.redisUrl) redis = await redisCounter(backends.redisUrl);
     // Migrations and seed data are applied once, before any case, so every case's server starts
     // the same way against the same database.
-    log('  preparing the database (migrations, seed) ...');
-    const reference = spec.cases.find((c) => c.id === spec.referenceId) ?? spec.cases[0]!;
-    const prep = await startServer(cmd, serverEnv(spec, reference, backends));
-    log(`  ready in ${prep.startupMs} ms`);
-    await prep.stop();
+    const first = spec.cases.find((c) => (c.program ?? 'app') === 'app' && !c.backends);
+    if (first) {
+      log('  preparing the database (migrations, seed) ...');
+      const prep = await startServer(commands.app, serverEnv(spec, first, backends));
+      log(`  ready in ${prep.startupMs} ms`);
+      await prep.stop();
+    }
+    if (spec.prepare) {
+      prepared = await spec.prepare(backends);
+      for (const line of prepared) log(`  ${line}`);
+    }
 
     for (let round = 1; round <= opts.rounds; round++) {
       if (opts.rounds > 1) log(`  round ${round} of ${opts.rounds}`);
@@ -867,27 +1131,22 @@ export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slic
       rounds.push(results);
       for (const c of spec.cases) {
         log(`  case ${c.id}: ${c.title} ...`);
-        const r = await runCase(c, spec, cmd, backends, opts, redis);
+        const r = await runCase(c, spec, commands, backends, opts, redis);
         results.push(r);
         if (r.measurement) {
           const cpu = r.cpu;
           log(
             `    ${fmtInt(r.measurement.requestsPerSecond.mean)} req/s, p99 ${fmtInt(r.measurement.latencyUs.p99)} µs; CPU (% of a core): ` +
               `server ${cpu?.serverCorePct ?? 'n/a'}, autocannon ${cpu?.loadGeneratorCorePct ?? 'n/a'}, rest ${cpu?.othersCorePct ?? 'n/a'}` +
-            Object.entries(cpu?.byCommand ?? {})
-              .map(([name, v]) => `, of which ${name} ${v}`)
-              .join(''),
+              Object.entries(cpu?.byCommand ?? {})
+                .map(([name, v]) => `, of which ${name} ${v}`)
+                .join(''),
           );
         }
         for (const p of r.problems) log(`    PROBLEM: ${p}`);
         for (const n of r.notes) log(`    note: ${n}`);
       }
-      const ref = results.find((r) => r.id === spec.referenceId)?.measurement;
-      for (const r of results) {
-        if (ref && r.measurement && ref.requestsPerSecond.mean > 0) {
-          r.ratioToReference = Math.round((r.measurement.requestsPerSecond.mean / ref.requestsPerSecond.mean) * 1000) / 1000;
-        }
-      }
+      applyRatios(results, spec.referenceId);
     }
   } catch (err) {
     setupError = (err as Error).message;
@@ -921,9 +1180,12 @@ export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slic
     loadAverageAfter: os.loadavg(),
     git: gitInfo(),
     options: opts,
-    server: { command: cmd.display, why: cmd.why },
+    server: { command: commands.app.display, why: commands.app.why },
+    reference: commands.reference ? { command: commands.reference.display, why: commands.reference.why } : undefined,
     database: described.database,
     redis: described.redis,
+    backendNotes: resolved.notes,
+    prepared,
     limiterBackend: backends.redisUrl ? 'redis' : 'memory',
     commonEnv: spec.commonEnv,
     referenceId: spec.referenceId,
@@ -939,19 +1201,21 @@ export async function runBenchmark(spec: BenchmarkSpec, argv = process.argv.slic
   const out: string[] = [
     '',
     `${spec.title} — ${startedAt.toISOString()}`,
-    `${cpus.length} x ${cpus[0]?.model ?? 'CPU'}, Node ${process.version}, ${cmd.display}`,
+    `${cpus.length} x ${cpus[0]?.model ?? 'CPU'}, ${Math.round(os.totalmem() / 1_073_741_824)} GB, Node ${process.version}, ${commands.app.display}` +
+      (commands.reference ? `; reference: ${commands.reference.display}` : ''),
     `database: ${described.database}; limiter: ${described.redis}`,
     `autocannon: ${opts.connections} connections, ${opts.warmupS} s warm-up, ${opts.durationS} s measured per case, a fresh server per case` +
       (opts.rounds > 1 ? `, ${opts.rounds} rounds (each row: the case's median round by req/s; vs ref: median of the rounds' ratios)` : '') +
       '; ' +
       `load average before: ${loadBefore.map((l) => l.toFixed(2)).join(' ')}`,
     '',
-    table(results, roundTrips),
+    table(results, roundTrips, spec.rowLabel),
     '',
-    'req/s: mean of per-second counts, any status. p50/p99: every response, µs. other: non-2xx except 429. errors: connection errors and timeouts.',
+    'req/s: mean of per-second counts, any status. vs ref: req/s over the reference\'s in the same run (fixed: sent at a fixed rate).',
+    'p50/p99: every response, µs; p99 vs ref: over the reference\'s p99. other: non-2xx except 429. errors: connection errors and timeouts.',
     'RSS: the server at the end of its case. CPU: % of one core while measuring; rest = everything but the server and autocannon (database, Redis, other processes).',
     ...(roundTrips ? [`Redis calls/req: ${roundTrips.join(' + ')} per response, counted Redis-wide (INFO commandstats): other clients of the same Redis add to it.`] : []),
-    ...(spec.footer?.(results, backends) ?? []),
+    ...(spec.footer?.(results, backends, opts) ?? []),
     `JSON: ${path.relative(REPO_ROOT, file)}`,
   ];
   process.stdout.write(`${out.join('\n')}\n`);

@@ -7,6 +7,7 @@ import { SEED } from '../src/db/seed.js';
 import { rateLimitPolicy } from '../src/ratelimit/headers.js';
 import type { OrgLimits } from '../src/ratelimit/types.js';
 import { runBenchmark, type BenchCase, type Measurement, type ServerHandle } from './harness.js';
+import { limitEnv, NEVER_REFUSES, OFF } from './limits.js';
 
 // The seeded acme-corp admin, unless BENCH_ORG_ID and BENCH_USER_ID name another live user: every
 // admitted request counts toward the org's daily and monthly usage, which a shared development
@@ -17,39 +18,8 @@ const USER_ID = process.env.BENCH_USER_ID || admin.id;
 const WHO = ORG_ID === admin.orgId && USER_ID === admin.id ? 'the seeded acme-corp admin' : `user ${USER_ID} of org ${ORG_ID}`;
 const HEADERS = { 'x-org-id': ORG_ID, 'x-user-id': USER_ID };
 
-const OFF: OrgLimits = {
-  orgBurst: 0,
-  orgPerSecond: 0,
-  userBurst: 0,
-  userPerSecond: 0,
-  dailyCap: 0,
-  monthlyCap: 0,
-  maxConcurrent: 0,
-};
-/** Every limit on, each far beyond what one run can reach: every check runs, none refuses. */
-const NEVER_REFUSES: OrgLimits = {
-  orgBurst: 1_000_000_000,
-  orgPerSecond: 1_000_000_000,
-  userBurst: 1_000_000_000,
-  userPerSecond: 1_000_000_000,
-  dailyCap: 1_000_000_000_000_000,
-  monthlyCap: 1_000_000_000_000_000,
-  maxConcurrent: 1_000_000,
-};
 /** The same, except the org bucket: one token, refilled every 1000 s. Only the first request passes. */
 const OVER_LIMIT: OrgLimits = { ...NEVER_REFUSES, orgBurst: 1, orgPerSecond: 0.001 };
-
-function limitEnv(l: OrgLimits): Record<string, string> {
-  return {
-    ORG_RATE_LIMIT_BURST: String(l.orgBurst),
-    ORG_RATE_LIMIT_PER_SECOND: String(l.orgPerSecond),
-    USER_RATE_LIMIT_BURST: String(l.userBurst),
-    USER_RATE_LIMIT_PER_SECOND: String(l.userPerSecond),
-    ORG_DAILY_REQUEST_CAP: String(l.dailyCap),
-    ORG_MONTHLY_REQUEST_CAP: String(l.monthlyCap),
-    ORG_MAX_CONCURRENT_REQUESTS: String(l.maxConcurrent),
-  };
-}
 
 /**
  * One request before the warm-up: the seeded user must authenticate, and the limits the server

@@ -8,6 +8,7 @@ import {
   validatorCompiler,
   type ZodTypeProvider,
 } from 'fastify-type-provider-zod';
+import { createAuthenticator } from './auth/index.js';
 import type { Config } from './config/env.js';
 import type { Database } from './infra/database.js';
 import { loggerOptions } from './infra/logger.js';
@@ -72,6 +73,14 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     done(null, payload);
   });
 
+  const log = app.log;
+  const auth = createAuthenticator(config.authCache, db, log);
+  app.decorate('authenticator', auth);
+  app.addHook('onClose', () => auth.close());
+  if (!(await auth.ready(2_000))) {
+    log.warn('Auth cache invalidation channel not connected yet: changes made elsewhere wait for the TTL until it is');
+  }
+
   app.setValidatorCompiler(validatorCompiler);
   app.setSerializerCompiler(serializerCompiler);
 
@@ -85,7 +94,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
       },
     });
   }
-  const metrics = registerMetrics(app, limiter);
+  const metrics = registerMetrics(app, limiter, auth);
   if (config.accessLog) {
     app.addHook('onResponse', (request, reply, done) => {
       request.log.info(
@@ -96,7 +105,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     });
   }
   registerIpLimit(app, limiter, config);
-  registerFakeAuth(app, db);
+  registerFakeAuth(app, auth);
   registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
   registerErrorHandling(app);
 
@@ -122,7 +131,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   });
   await app.register(swaggerUi, { routePrefix: '/docs' });
 
-  await app.register(healthRoutes, { config, db, limiter });
+  await app.register(healthRoutes, { config, db, limiter, auth });
   app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
     const { contentType, body } = await metrics.scrape();
     return reply.type(contentType).send(body);
@@ -134,7 +143,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
       v1.addHook('onRequest', requireContext);
       registerOrgLimit(v1, limiter, config);
       await v1.register(meRoutes, { db });
-      await v1.register(userRoutes, { db });
+      await v1.register(userRoutes, { db, auth });
       await v1.register(usageRoutes, { config, limiter });
       await v1.register(auditRoutes, { db });
     },

@@ -64,9 +64,15 @@ export class AppError extends Error {
     /** Seconds, sent as Retry-After. */
     readonly retryAfter?: number,
   ) {
-    super(message);
+    // A 4xx is an answer to the client, not a fault: its stack is never logged, and capturing one
+    // was the most expensive step of refusing a flood (5 % of the server's time in a profile).
+    const status = statusOf(code);
+    const limit = Error.stackTraceLimit;
+    if (status < 500) Error.stackTraceLimit = 0;
+    super(message); // Error's constructor does not throw: the limit is always restored
+    Error.stackTraceLimit = limit;
     this.name = 'AppError';
-    this.statusCode = statusOf(code);
+    this.statusCode = status;
   }
 }
 

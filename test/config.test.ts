@@ -53,6 +53,7 @@ describe('loadConfig defaults', () => {
       idleTimeoutMs: 10_000,
       connectionTimeoutMs: 2_000,
       statementTimeoutMs: 5_000,
+      listenUrl: url,
     });
   });
 
@@ -65,6 +66,7 @@ describe('loadConfig defaults', () => {
         DATABASE_IDLE_TIMEOUT_MS: '0',
         DATABASE_CONNECTION_TIMEOUT_MS: '750',
         DATABASE_STATEMENT_TIMEOUT_MS: '30000',
+        DATABASE_LISTEN_URL: 'postgres://app@db-direct.internal/llm_app',
       },
       { isTty: false },
     );
@@ -75,7 +77,31 @@ describe('loadConfig defaults', () => {
       idleTimeoutMs: 0,
       connectionTimeoutMs: 750,
       statementTimeoutMs: 30_000,
+      listenUrl: 'postgres://app@db-direct.internal/llm_app',
     });
+  });
+
+  it('refuses DATABASE_LISTEN_URL without DATABASE_URL, and a listen URL that is not PostgreSQL', () => {
+    expect(() => loadConfig({ DATABASE_LISTEN_URL: 'postgres://app@db/llm_app' }, { isTty: false })).toThrow(
+      /DATABASE_LISTEN_URL: only used with DATABASE_URL/,
+    );
+    expect(() =>
+      loadConfig({ DATABASE_URL: 'postgres://app@db/llm_app', DATABASE_LISTEN_URL: 'redis://db:6379' }, { isTty: false }),
+    ).toThrow(/DATABASE_LISTEN_URL/);
+  });
+
+  it('reads the auth cache settings, 0 turning the cache off, and refuses nonsense', () => {
+    expect(loadConfig({}, { isTty: false }).authCache).toEqual({ ttlMs: 30_000, maxEntries: 100_000, negativeMaxEntries: 10_000 });
+    expect(
+      loadConfig({ AUTH_CACHE_TTL_MS: '0', AUTH_CACHE_MAX_ENTRIES: '5', AUTH_CACHE_NEGATIVE_MAX_ENTRIES: '2' }, { isTty: false }).authCache,
+    ).toEqual({ ttlMs: 0, maxEntries: 5, negativeMaxEntries: 2 });
+    let message = '';
+    try {
+      loadConfig({ AUTH_CACHE_TTL_MS: '-1', AUTH_CACHE_MAX_ENTRIES: '0', AUTH_CACHE_NEGATIVE_MAX_ENTRIES: 'lots' }, { isTty: false });
+    } catch (err) {
+      message = (err as Error).message;
+    }
+    for (const name of ['AUTH_CACHE_TTL_MS', 'AUTH_CACHE_MAX_ENTRIES', 'AUTH_CACHE_NEGATIVE_MAX_ENTRIES']) expect(message).toContain(name);
   });
 
   it('reads every other variable', () => {

@@ -22,6 +22,7 @@ describe('GET /health', () => {
       requestId: res.headers['x-request-id'],
       database: 'connected',
       rateLimiter: 'memory',
+      authCache: 'ok',
     });
   });
 

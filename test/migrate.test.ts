@@ -307,7 +307,7 @@ describe('migrate() on a fresh database', () => {
       }
     });
 
-    it('has (org_id, id) as a key of users (the primary key since 003), usable by a composite foreign key', async () => {
+    it('has (org_id, id) as a key of users (the primary key since 004), usable by a composite foreign key', async () => {
       const { rows } = await db.query<{ cols: string }>(
         `SELECT string_agg(a.attname::text, ',' ORDER BY k.ord) AS cols
          FROM pg_constraint c

@@ -133,6 +133,7 @@ describe('fake auth on the public GET /health', () => {
       requestId: res.headers['x-request-id'],
       database: 'connected',
       rateLimiter: 'memory',
+      authCache: 'ok',
       org: a.org.id,
       user: { id: a.member.id, email: a.member.email, role: 'member' },
     });

@@ -74,6 +74,7 @@ const schema = z.object({
     ACCESS_LOG: bool(true),
 
     DATABASE_URL: postgresUrl,
+    DATABASE_LISTEN_URL: postgresUrl,
     DATA_DIR: z.string().trim().min(1, 'must not be empty').default('./.data'),
     DATABASE_POOL_MAX: int(10, 1, 1000),
     DATABASE_IDLE_TIMEOUT_MS: int(10_000, 0, 3_600_000),
@@ -82,6 +83,9 @@ const schema = z.object({
     MIGRATE_ON_START: bool(true),
 
     ALLOW_FAKE_AUTH: bool(false),
+    AUTH_CACHE_TTL_MS: int(30_000, 0, 600_000),
+    AUTH_CACHE_MAX_ENTRIES: int(100_000, 1, 10_000_000),
+    AUTH_CACHE_NEGATIVE_MAX_ENTRIES: int(10_000, 1, 10_000_000),
     TRUST_PROXY: bool(false),
     BODY_LIMIT_BYTES: int(1_048_576, 1_024, 100 * 1_048_576),
     SHUTDOWN_TIMEOUT_MS: int(10_000, 0, 600_000),
@@ -121,6 +125,7 @@ export interface Config {
   readonly database: DatabaseConfig;
   readonly migrateOnStart: boolean;
   readonly fakeAuth: { readonly enabled: boolean };
+  readonly authCache: AuthCacheConfig;
   readonly trustProxy: boolean;
   readonly bodyLimitBytes: number;
   readonly shutdownTimeoutMs: number;
@@ -145,6 +150,15 @@ export interface RateLimitConfig {
   readonly usageFlushIntervalMs: number;
 }
 
+export interface AuthCacheConfig {
+  /** How long a looked-up caller is trusted without asking the database; 0 turns the cache off. */
+  readonly ttlMs: number;
+  /** Callers that authenticated (LRU beyond this). */
+  readonly maxEntries: number;
+  /** Lookups that failed (unknown org or user, user of another org): a separate, smaller LRU. */
+  readonly negativeMaxEntries: number;
+}
+
 export type DatabaseConfig =
   | {
       readonly kind: 'postgres';
@@ -153,6 +167,11 @@ export type DatabaseConfig =
       readonly idleTimeoutMs: number;
       readonly connectionTimeoutMs: number;
       readonly statementTimeoutMs: number;
+      /**
+       * The session that LISTENs for cache invalidations: DATABASE_URL unless it goes through a
+       * pooler in transaction mode (PgBouncer), where LISTEN does not work. Default: `url`.
+       */
+      readonly listenUrl?: string;
     }
   | { readonly kind: 'pglite'; readonly dataDir: string };
 
@@ -201,6 +220,9 @@ export function loadConfig(
         'refused when NODE_ENV=production; set ALLOW_FAKE_AUTH=true to run it anyway (anyone can act as any user)',
     );
   }
+  if (input.DATABASE_LISTEN_URL !== undefined && input.DATABASE_URL === undefined) {
+    problems.push('DATABASE_LISTEN_URL: only used with DATABASE_URL (the embedded database needs no listener connection)');
+  }
   if (!result.success || problems.length > 0) throw new ConfigError([...new Set(problems)].sort());
   const c = result.data;
   const isTty = opts.isTty ?? Boolean(process.stdout.isTTY);
@@ -219,10 +241,16 @@ export function loadConfig(
           idleTimeoutMs: c.DATABASE_IDLE_TIMEOUT_MS,
           connectionTimeoutMs: c.DATABASE_CONNECTION_TIMEOUT_MS,
           statementTimeoutMs: c.DATABASE_STATEMENT_TIMEOUT_MS,
+          listenUrl: c.DATABASE_LISTEN_URL ?? c.DATABASE_URL,
         }
       : { kind: 'pglite', dataDir: c.DATA_DIR },
     migrateOnStart: c.MIGRATE_ON_START,
     fakeAuth: { enabled: true },
+    authCache: {
+      ttlMs: c.AUTH_CACHE_TTL_MS,
+      maxEntries: c.AUTH_CACHE_MAX_ENTRIES,
+      negativeMaxEntries: c.AUTH_CACHE_NEGATIVE_MAX_ENTRIES,
+    },
     trustProxy: c.TRUST_PROXY,
     bodyLimitBytes: c.BODY_LIMIT_BYTES,
     shutdownTimeoutMs: c.SHUTDOWN_TIMEOUT_MS,

@@ -4,7 +4,7 @@ import type { Database, QueryResult, Queryable, Statement } from '../infra/datab
  * The only doors from model code to tenant tables. PostgreSQL row-level security is the second
  * wall behind every query's own `org_id = $n`: each tenant table has a policy that lets the
  * tenant role see and write only the rows of the org named by the transaction-local setting
- * `app.org_id` (migrations 003 and 004).
+ * `app.org_id` (migrations 004 and 005).
  *
  * - withTenant / queryAsTenant: the role `llm_app_tenant` (not superuser, no BYPASSRLS, owns
  *   nothing) with `app.org_id` set for this transaction only. Every request's data goes here.
@@ -56,14 +56,18 @@ export function withTenant<T>(db: Database, orgId: string, fn: (tx: TenantTx) =>
   return db.transaction((tx) => fn(Object.assign(tx, { orgId }) as unknown as TenantTx), { setup });
 }
 
-/** One statement as the tenant of `orgId`, in its own transaction: one round trip on PostgreSQL. */
+/**
+ * One statement as the tenant of `orgId`, in its own transaction: one round trip on PostgreSQL.
+ * `name` makes it a prepared statement (for the request path; one name, one SQL text).
+ */
 export function queryAsTenant<R = Record<string, unknown>>(
   db: Database,
   orgId: string,
   sql: string,
   params?: readonly unknown[],
+  name?: string,
 ): Promise<QueryResult<R>> {
-  return db.queryInTransaction<R>(tenantSetup(orgId), sql, params);
+  return db.queryInTransaction<R>(tenantSetup(orgId), sql, params, name);
 }
 
 export function withSystem<T>(db: Database, fn: (tx: SystemTx) => Promise<T>): Promise<T> {
@@ -75,6 +79,7 @@ export function queryAsSystem<R = Record<string, unknown>>(
   db: Database,
   sql: string,
   params?: readonly unknown[],
+  name?: string,
 ): Promise<QueryResult<R>> {
-  return db.queryInTransaction<R>(systemSetup, sql, params);
+  return db.queryInTransaction<R>(systemSetup, sql, params, name);
 }

@@ -17,8 +17,13 @@ export interface QueryResult<R> {
 }
 
 export interface Queryable {
-  /** One parameterised statement. Never build `sql` from input: pass values in `params`. */
-  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>>;
+  /**
+   * One parameterised statement. Never build `sql` from input: pass values in `params`.
+   * `name` makes it a named prepared statement on PostgreSQL, parsed and planned once per
+   * connection instead of on every call: for the statements on the request path. A name must
+   * always go with the same `sql`.
+   */
+  query<R = Record<string, unknown>>(sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>>;
 }
 
 export interface Transaction extends Queryable {
@@ -41,15 +46,39 @@ export interface TransactionOptions {
   readonly setup?: Statement;
 }
 
+export interface SubscriptionHandlers {
+  onMessage(payload: string): void;
+  /** Listening (again). Whatever was sent while it was not is lost. */
+  onConnected(): void;
+  /** Not listening any more; it keeps trying to reconnect until closed. */
+  onDisconnected(err: Error): void;
+}
+
+export interface Subscription {
+  readonly connected: boolean;
+  close(): Promise<void>;
+}
+
 export interface Database extends Queryable {
   readonly kind: 'postgres' | 'pglite';
+  /**
+   * LISTEN on a channel, on a connection of its own that outlives failures: it reconnects with
+   * backoff and checks itself with a ping, so a silently dead network is noticed.
+   */
+  subscribe(channel: string, handlers: SubscriptionHandlers): Subscription;
   /** BEGIN … COMMIT around `fn`; ROLLBACK if it throws. */
   transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T>;
   /**
    * BEGIN, `setup`, one statement, COMMIT: a transaction of one statement. On PostgreSQL the four
    * go out together and come back in one round trip; a failure anywhere rolls back all of it.
+   * `name` as for query().
    */
-  queryInTransaction<R = Record<string, unknown>>(setup: Statement, sql: string, params?: readonly unknown[]): Promise<QueryResult<R>>;
+  queryInTransaction<R = Record<string, unknown>>(
+    setup: Statement,
+    sql: string,
+    params?: readonly unknown[],
+    name?: string,
+  ): Promise<QueryResult<R>>;
   /** True when a trivial query answers within `timeoutMs`; never throws, never hangs longer. */
   health(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
@@ -165,24 +194,32 @@ export function createPostgresDatabase(
     client.off('error', absorb);
     client.release(err);
   };
-  const query = async <R>(sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> => {
+  const query = async <R>(sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> => {
     if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
     try {
-      const res = await pool.query(sql, params as unknown[] | undefined);
+      const values = params as unknown[] | undefined;
+      const res = await (name === undefined ? pool.query(sql, values) : pool.query({ name, text: sql, values }));
       return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
     } catch (err) {
       throw translate(err);
     }
   };
 
+  const subscriptions = new Set<Subscription>();
   return {
     kind: 'postgres',
     query,
+    subscribe(channel, handlers) {
+      const sub = subscribePostgres(config, channel, handlers, () => subscriptions.delete(sub));
+      subscriptions.add(sub);
+      return sub;
+    },
     async transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T> {
       const client = await connect();
       const tx: Transaction = {
-        async query<R>(sql: string, params?: readonly unknown[]) {
-          const res = await client.query(sql, params as unknown[] | undefined);
+        async query<R>(sql: string, params?: readonly unknown[], name?: string) {
+          const values = params as unknown[] | undefined;
+          const res = await (name === undefined ? client.query(sql, values) : client.query({ name, text: sql, values }));
           return { rows: res.rows as R[], rowCount: res.rowCount ?? 0 };
         },
         async exec(sql: string) {
@@ -209,14 +246,14 @@ export function createPostgresDatabase(
         release(client, broken);
       }
     },
-    async queryInTransaction<R>(setup: Statement, sql: string, params?: readonly unknown[]): Promise<QueryResult<R>> {
+    async queryInTransaction<R>(setup: Statement, sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> {
       const client = await connect();
       // All four in one round trip. A failed statement aborts the transaction, so the ones after
       // it fail too and COMMIT ends it as a rollback; the results are read only if all succeeded.
       const [begin, set, res, commit] = await Promise.allSettled([
         client.query('BEGIN'),
         client.query(toQueryConfig(setup)),
-        client.query(sql, params as unknown[] | undefined),
+        client.query(toQueryConfig({ sql, ...(params ? { params } : {}), ...(name ? { name } : {}) })),
         client.query('COMMIT'),
       ]);
       const failed = [begin, set, res, commit].find((r) => r.status === 'rejected');
@@ -239,7 +276,103 @@ export function createPostgresDatabase(
     async close() {
       if (closed) return;
       closed = true;
+      await Promise.all([...subscriptions].map((sub) => sub.close()));
       await pool.end();
+    },
+  };
+}
+
+const CHANNEL_NAME = /^[a-z_][a-z0-9_]{0,62}$/;
+const LISTEN_PING_INTERVAL_MS = 5_000;
+const LISTEN_RECONNECT_MIN_MS = 200;
+const LISTEN_RECONNECT_MAX_MS = 5_000;
+
+/**
+ * pg's Pool hands out connections per query, and LISTEN needs one session that stays: a Client of
+ * its own. pg has no reconnecting listener (pg-listen does, but is unmaintained since 2021), so the
+ * loop is here: connect, LISTEN, ping every few seconds; on any failure, drop the connection, tell
+ * the handlers, and try again with a doubling delay.
+ */
+function subscribePostgres(
+  config: Extract<DatabaseConfig, { kind: 'postgres' }>,
+  channel: string,
+  handlers: SubscriptionHandlers,
+  onClosed: () => void,
+): Subscription {
+  if (!CHANNEL_NAME.test(channel)) throw new Error(`invalid channel name: ${channel}`);
+  let client: pg.Client | null = null;
+  let connected = false;
+  let closed = false;
+  let attempt = 0;
+  let retryTimer: NodeJS.Timeout | undefined;
+  let pingTimer: NodeJS.Timeout | undefined;
+
+  const drop = (c: pg.Client, err: Error) => {
+    if (client !== c) return;
+    client = null;
+    clearInterval(pingTimer);
+    c.removeAllListeners('notification');
+    c.end().catch(() => undefined);
+    if (connected) {
+      connected = false;
+      handlers.onDisconnected(err);
+    }
+    if (!closed) {
+      const delay = Math.min(LISTEN_RECONNECT_MAX_MS, LISTEN_RECONNECT_MIN_MS * 2 ** attempt++);
+      retryTimer = setTimeout(() => void connect(), delay);
+    }
+  };
+
+  const connect = async () => {
+    const c = new pg.Client({
+      connectionString: config.listenUrl ?? config.url,
+      application_name: 'llm-app-listen',
+      keepAlive: true,
+      connectionTimeoutMillis: config.connectionTimeoutMs,
+      // Bounds the ping: a network that swallows packets fails it instead of hanging it.
+      query_timeout: Math.max(1_000, config.connectionTimeoutMs),
+    });
+    client = c;
+    c.on('error', (err) => drop(c, err));
+    c.on('end', () => drop(c, new Error('connection ended')));
+    c.on('notification', (msg) => {
+      if (msg.channel === channel) handlers.onMessage(msg.payload ?? '');
+    });
+    try {
+      await c.connect();
+      await c.query(`LISTEN ${channel}`);
+    } catch (err) {
+      drop(c, err instanceof Error ? err : new Error(String(err)));
+      return;
+    }
+    if (closed || client !== c) {
+      await c.end().catch(() => undefined);
+      return;
+    }
+    attempt = 0;
+    connected = true;
+    handlers.onConnected();
+    pingTimer = setInterval(() => {
+      c.query('SELECT 1').catch((err: unknown) => drop(c, err instanceof Error ? err : new Error(String(err))));
+    }, LISTEN_PING_INTERVAL_MS);
+    pingTimer.unref();
+  };
+
+  void connect();
+  return {
+    get connected() {
+      return connected;
+    },
+    async close() {
+      if (closed) return;
+      closed = true;
+      clearTimeout(retryTimer);
+      clearInterval(pingTimer);
+      const c = client;
+      client = null;
+      connected = false;
+      onClosed();
+      if (c) await c.end().catch(() => undefined);
     },
   };
 }
@@ -274,8 +407,38 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
   });
   const root = wrap(db);
   let closed = false;
+  const unlisteners = new Set<() => Promise<void>>();
   return {
     kind: 'pglite',
+    // One process, one connection: a notification never travels over a network, so it is never lost.
+    subscribe(channel, handlers) {
+      if (!CHANNEL_NAME.test(channel)) throw new Error(`invalid channel name: ${channel}`);
+      let connected = false;
+      let unlisten: (() => Promise<void>) | null = null;
+      let closedSub = false;
+      const listening = db.listen(channel, (payload) => handlers.onMessage(payload)).then((fn) => {
+        unlisten = fn;
+        unlisteners.add(fn);
+        if (closedSub) return;
+        connected = true;
+        handlers.onConnected();
+      });
+      return {
+        get connected() {
+          return connected;
+        },
+        async close() {
+          if (closedSub) return;
+          closedSub = true;
+          connected = false;
+          await listening.catch(() => undefined);
+          if (unlisten && !closed) {
+            unlisteners.delete(unlisten);
+            await unlisten().catch(() => undefined);
+          }
+        },
+      };
+    },
     query: async (sql, params) => {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
       return root.query(sql, params);
@@ -288,6 +451,7 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
         return fn(w);
       });
     },
+    // Names are for PostgreSQL's plan cache; PGlite parses each statement anyway.
     queryInTransaction: async <R>(setup: Statement, sql: string, params?: readonly unknown[]) => {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
       return db.transaction(async (tx) => {
@@ -307,6 +471,7 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
     },
     async close() {
       if (closed) return;
+      await Promise.all([...unlisteners].map((fn) => fn().catch(() => undefined)));
       closed = true;
       await db.close();
     },

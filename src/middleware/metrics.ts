@@ -1,5 +1,6 @@
 import type { FastifyInstance } from 'fastify';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import type { Authenticator } from '../auth/index.js';
 import type { RateLimiter } from '../ratelimit/index.js';
 
 // Process metrics (CPU, memory, event loop lag, GC) describe the process, not one app instance:
@@ -22,7 +23,7 @@ export interface Metrics {
  * Times every request into a histogram labelled by method, route pattern (never the raw URL,
  * whose ids would explode the series count) and status code.
  */
-export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Metrics {
+export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth: Authenticator): Metrics {
   const registry = new Registry();
   const duration = new Histogram({
     name: 'http_request_duration_seconds',
@@ -49,6 +50,39 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter): Met
       this.reset();
       this.inc({ result: 'allowed', reason: 'none' }, limiter.stats.allowed);
       for (const [reason, n] of Object.entries(limiter.stats.refused)) this.inc({ result: 'refused', reason }, n);
+    },
+  });
+  new Counter({
+    name: 'auth_cache_lookups_total',
+    help: 'Caller lookups since start: hit, negative_hit (a cached refusal), coalesced (joined a query in flight), query',
+    labelNames: ['result'] as const,
+    registers: [registry],
+    collect() {
+      const s = auth.stats();
+      this.reset();
+      this.inc({ result: 'hit' }, s.hits);
+      this.inc({ result: 'negative_hit' }, s.negativeHits);
+      this.inc({ result: 'coalesced' }, s.coalesced);
+      this.inc({ result: 'query' }, s.loads);
+    },
+  });
+  new Gauge({
+    name: 'auth_cache_entries',
+    help: 'Callers held in the auth cache, by kind',
+    labelNames: ['kind'] as const,
+    registers: [registry],
+    collect() {
+      const s = auth.stats();
+      this.set({ kind: 'positive' }, s.size);
+      this.set({ kind: 'negative' }, s.negativeSize);
+    },
+  });
+  new Gauge({
+    name: 'auth_cache_invalidation_connected',
+    help: '1 while this instance hears of changes made elsewhere; 0 while cached callers only expire by TTL',
+    registers: [registry],
+    collect() {
+      this.set(auth.invalidationConnected ? 1 : 0);
     },
   });
   app.addHook('onResponse', (request, reply, done) => {

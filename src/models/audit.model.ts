@@ -5,7 +5,7 @@ import type { Database } from '../infra/database.js';
 import type { RequestContext, RequestMeta } from '../types/context.js';
 
 /**
- * The audit log (audit_logs, migration 004): who did what to which object of an org, appended in
+ * The audit log (audit_logs, migration 005): who did what to which object of an org, appended in
  * the same transaction as the change it records. The database numbers and chains the rows (a
  * trigger); this module writes, lists and verifies them.
  */

@@ -1,5 +1,5 @@
 import { queryAsSystem, withSystem, type SystemTx } from '../db/tenancy.js';
-import type { Database } from '../infra/database.js';
+import type { Database, Queryable } from '../infra/database.js';
 import type { OrgLimits } from '../ratelimit/types.js';
 import { appendAuditLog, SYSTEM_ACTOR, type AuditActor } from './audit.model.js';
 
@@ -35,15 +35,24 @@ export function overridesFromRow(row: Record<string, unknown>): OrgLimitOverride
   return out;
 }
 
+// The overrides object of a cached caller is the same on each of its requests: its merged limits
+// (and the RateLimit-Policy built from them, cached per limits object) are made once, not per request.
+const merged = new WeakMap<OrgLimitOverrides, { defaults: OrgLimits; limits: OrgLimits }>();
+
 export function effectiveLimits(defaults: OrgLimits, overrides: OrgLimitOverrides | null | undefined): OrgLimits {
   // Most orgs have no row: hand back the defaults object itself (no copy on every request).
-  if (!overrides || Object.keys(overrides).length === 0) return defaults;
+  if (!overrides) return defaults;
+  const known = merged.get(overrides);
+  if (known?.defaults === defaults) return known.limits;
+  if (Object.keys(overrides).length === 0) return defaults;
   const out: { -readonly [K in keyof OrgLimits]: number } = { ...defaults };
   for (const f of FIELDS) {
     const v = overrides[f];
     if (v !== null && v !== undefined) out[f] = v;
   }
-  return out;
+  const limits = Object.freeze(out);
+  merged.set(overrides, { defaults, limits });
+  return limits;
 }
 
 const SELECT_OVERRIDES = `SELECT ${ORG_LIMITS_SELECT} FROM org_limits l WHERE l.org_id = $1`;
@@ -66,12 +75,16 @@ const sameOverrides = (a: OrgLimitOverrides, b: OrgLimitOverrides) => FIELDS.eve
  * same transaction when the overrides did change. Returns the overrides now stored.
  */
 async function changeOverrides(
-  db: Database,
+  db: Database | Queryable,
   orgId: string,
   actor: AuditActor,
   write: (tx: SystemTx) => Promise<void>,
 ): Promise<OrgLimitOverrides> {
-  return withSystem(db, async (tx) => {
+  // A Database: the system path, in a transaction of its own. Anything else is a transaction the
+  // caller already holds and answers for (the tools that prepare data in bulk, as a superuser).
+  const inScope = <T>(fn: (tx: SystemTx) => Promise<T>): Promise<T> =>
+    'queryInTransaction' in db ? withSystem(db, fn) : fn(db as SystemTx);
+  return inScope(async (tx) => {
     await tx.query('SELECT lock_org($1)', [orgId]);
     const before = await readOverrides(tx, orgId);
     await write(tx);
@@ -93,7 +106,7 @@ async function changeOverrides(
  * Field names come from the fixed COLUMNS map, never from input, so the SQL stays parameterised.
  */
 export async function setOrgLimitOverrides(
-  db: Database,
+  db: Database | Queryable,
   orgId: string,
   changes: OrgLimitOverrides,
   actor: AuditActor = SYSTEM_ACTOR,

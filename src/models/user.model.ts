@@ -50,8 +50,12 @@ export const normaliseEmail = (email: string): string => email.trim().toLowerCas
 
 export interface AuthLookup {
   orgExists: boolean;
-  /** The live user with this id in a live org, whichever org that is. */
-  user: { id: string; orgId: string; email: string; role: Role } | null;
+  /**
+   * The live user with this id in a live org, whichever org that is; null when the claimed org
+   * does not exist (the answer is then 401 whoever the user is). The whole user, so that what a
+   * request needs to know about its caller (GET /v1/me) costs no second query.
+   */
+  user: User | null;
   /**
    * The claimed org's limit overrides, read in the same round trip so a change made with the
    * limits CLI applies to the very next request.
@@ -59,37 +63,33 @@ export interface AuthLookup {
   limitOverrides: OrgLimitOverrides;
 }
 
-/**
- * Cross-tenant by nature (the org is not trusted yet), so it takes the named system path. User
- * ids are unique only within an org; should two orgs ever hold the same id, the claimed org's
- * user is the one found.
- */
-export async function findAuthIdentity(db: Database, orgId: string, userId: string): Promise<AuthLookup> {
-  const { rows } = await queryAsSystem<{
-    org_exists: boolean;
-    id: string | null;
-    org_id: string | null;
-    email: string | null;
-    role: Role | null;
-  }>(
-    db,
-    `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
-            u.id, u.org_id, u.email, u.role, ${ORG_LIMITS_SELECT}
+// User ids are unique only within an org; should two orgs ever hold the same id, the claimed
+// org's user is the one found.
+const AUTH_IDENTITY_SQL = `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
+            u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at, ${ORG_LIMITS_SELECT}
        FROM (SELECT 1) AS one
        LEFT JOIN LATERAL (
-         SELECT u.id, u.org_id, u.email, u.role FROM users u
+         SELECT ${COLUMNS} FROM users u
           WHERE u.id = $2 AND u.deleted_at IS NULL
             AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)
           ORDER BY u.org_id = $1 DESC
           LIMIT 1
        ) u ON true
-       LEFT JOIN org_limits l ON l.org_id = $1`,
+       LEFT JOIN org_limits l ON l.org_id = $1`;
+
+/** Cross-tenant by nature (the org is not trusted yet), so it takes the named system path. */
+export async function findAuthIdentity(db: Database, orgId: string, userId: string): Promise<AuthLookup> {
+  const { rows } = await queryAsSystem<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
+    db,
+    AUTH_IDENTITY_SQL,
     [orgId, userId],
+    'auth_identity',
   );
   const r = rows[0];
+  const orgExists = Boolean(r?.org_exists);
   return {
-    orgExists: Boolean(r?.org_exists),
-    user: r?.id && r.org_id && r.email && r.role ? { id: r.id, orgId: r.org_id, email: r.email, role: r.role } : null,
+    orgExists,
+    user: orgExists && r?.id ? toUser(r as UserRow) : null,
     limitOverrides: r ? overridesFromRow(r) : {},
   };
 }
@@ -103,6 +103,7 @@ export async function findUserInOrg(db: Database, orgId: string, userId: string)
     orgId,
     `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL`,
     [orgId, userId],
+    'user_in_org',
   );
   return rows[0] ? toUser(rows[0]) : null;
 }
@@ -133,6 +134,7 @@ export async function listUsersInOrg(
       ORDER BY seq
       LIMIT $3`,
     [orgId, afterId, opts.limit + 1],
+    'users_page',
   );
   // An empty page after a cursor: the end of the list, or a cursor that names no user of this
   // org (seq > NULL matches nothing). Only then is a second look needed.

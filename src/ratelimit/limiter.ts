@@ -37,6 +37,8 @@ interface Blocked {
   refusedBy: Refusal;
   /** The refusal being repeated: its state goes out in the RateLimit field again. */
   decision: Decision | null;
+  /** Once expired: when the one request that asks the backend again set off (null: none yet). */
+  probeSinceMs: number | null;
 }
 
 // A refusal is remembered for at most this long: a limit raised with the CLI (or a bucket that
@@ -45,6 +47,7 @@ const MAX_BLOCK_MS = 1_000;
 const RECOVERY_PROBE_MS = 1_000;
 
 const NO_RELEASE = () => undefined;
+const PROBE = Symbol('probe');
 
 /**
  * How long a refusal may be answered from memory. For a bucket: until enough tokens can have
@@ -146,9 +149,16 @@ export class RateLimiter {
       this.stats.allowed++;
       return { allowed: true, retryAfterSeconds: 0, decision: null, periods, nowMs, release: NO_RELEASE };
     }
-    const block =
-      this.checkBlocked(`o:${args.orgId}`, nowMs) ?? this.checkBlocked(`u:${args.orgId}:${args.userId}`, nowMs);
-    if (block) return this.refusedFromBlock(block, periods, nowMs);
+    const orgKey = `o:${args.orgId}`;
+    const userKey = `u:${args.orgId}:${args.userId}`;
+    const orgBlock = this.checkBlocked(orgKey, nowMs);
+    if (orgBlock && orgBlock !== PROBE) return this.refusedFromBlock(orgBlock, periods, nowMs);
+    const userBlock = this.checkBlocked(userKey, nowMs, orgBlock !== PROBE);
+    if (userBlock && userBlock !== PROBE) {
+      if (orgBlock === PROBE) this.blocked.get(orgKey)!.probeSinceMs = null; // not asking after all
+      return this.refusedFromBlock(userBlock, periods, nowMs);
+    }
+    const probed = orgBlock === PROBE ? orgKey : userBlock === PROBE ? userKey : null;
 
     const slotId = `${this.instance}:${++this.slotSeq}`;
     const { decision, backend } = await this.decide(args.orgId, {
@@ -162,11 +172,13 @@ export class RateLimiter {
       slotTtlMs: this.deps.config.slotTtlMs,
     });
     this.rememberUsage(args.orgId, periods, decision, backend);
+    // The probe is answered: the block it stood for ends here, or is replaced just below.
+    if (probed !== null) this.blocked.delete(probed);
     if (!decision.allowed) {
       const refusedBy = decision.refusedBy ?? 'org_rate';
       this.stats.refused[refusedBy]++;
       if (refusedBy !== 'concurrency') {
-        const key = refusedBy === 'user_rate' ? `u:${args.orgId}:${args.userId}` : `o:${args.orgId}`;
+        const key = refusedBy === 'user_rate' ? userKey : orgKey;
         this.block(key, nowMs, blockMs(decision, args.limits, cost), decision.retryAfterSeconds, refusedBy, decision);
       }
       return { allowed: false, refusedBy, retryAfterSeconds: decision.retryAfterSeconds, decision, periods, nowMs, release: NO_RELEASE };
@@ -193,7 +205,7 @@ export class RateLimiter {
   async acquireIp(ip: string, perMinute: number, nowMs = Date.now()): Promise<{ allowed: boolean; retryAfterSeconds: number }> {
     const key = `ip:${ip}`;
     const block = this.checkBlocked(key, nowMs);
-    if (block) return { allowed: false, retryAfterSeconds: Math.max(1, Math.ceil((block.retryAtMs - nowMs) / 1000)) };
+    if (block && block !== PROBE) return { allowed: false, retryAfterSeconds: Math.max(1, Math.ceil((block.retryAtMs - nowMs) / 1000)) };
     const periods = utcPeriods(nowMs);
     const { decision } = await this.decide(key, {
       orgId: key,
@@ -214,6 +226,7 @@ export class RateLimiter {
       slotTtlMs: this.deps.config.slotTtlMs,
     });
     const perSecond = perMinute / 60;
+    if (block === PROBE) this.blocked.delete(key);
     if (!decision.allowed) {
       this.block(key, nowMs, ((1 - decision.org.remaining) / perSecond) * 1000, decision.retryAfterSeconds, 'org_rate');
     } else if (decision.org.remaining < 1) {
@@ -226,8 +239,8 @@ export class RateLimiter {
 
   /** Is this client address currently refused? No backend call: only the in-process memory. */
   isIpBlocked(ip: string, nowMs = Date.now()): number {
-    const b = this.checkBlocked(`ip:${ip}`, nowMs);
-    return b ? Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)) : 0;
+    const b = this.blocked.get(`ip:${ip}`);
+    return b && nowMs < b.untilMs ? Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)) : 0;
   }
 
   /** Durable usage plus this process's unflushed part (for reports when no counter was read). */
@@ -355,15 +368,25 @@ export class RateLimiter {
       retryAtMs: nowMs + retryAfterSeconds * 1000,
       refusedBy,
       decision,
+      probeSinceMs: null,
     });
   }
 
-  private checkBlocked(key: string, nowMs: number): Blocked | undefined {
+  /**
+   * The refusal to repeat from memory; PROBE when this request is the one to ask the backend
+   * again; undefined when nothing is blocked. Once a block expires, the first request asks the
+   * backend and, until its answer, the others are still refused from memory: one backend call
+   * per expiry instead of one per concurrent request of a flood. A probe that has not answered
+   * within MAX_BLOCK_MS is given up and another request asks.
+   */
+  private checkBlocked(key: string, nowMs: number, mayProbe = true): Blocked | typeof PROBE | undefined {
     const b = this.blocked.get(key);
     if (!b) return undefined;
-    if (nowMs >= b.untilMs) {
-      this.blocked.delete(key);
-      return undefined;
+    if (nowMs < b.untilMs) return b;
+    if (!mayProbe) return undefined;
+    if (b.probeSinceMs === null || nowMs - b.probeSinceMs >= MAX_BLOCK_MS) {
+      b.probeSinceMs = nowMs;
+      return PROBE;
     }
     return b;
   }

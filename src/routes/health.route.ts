@@ -1,5 +1,6 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
+import type { Authenticator } from '../auth/index.js';
 import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import type { RateLimiter } from '../ratelimit/index.js';
@@ -17,14 +18,19 @@ const HealthSchema = z.object({
   rateLimiter: z
     .enum(['redis', 'memory', 'degraded'])
     .describe('redis: shared limits; memory: this instance only (no REDIS_URL); degraded: Redis unreachable, limiting in memory'),
+  authCache: z
+    .enum(['ok', 'degraded'])
+    .describe('degraded: the invalidation channel is down; changes made on other instances apply when cached callers expire'),
   org: z.string().optional().describe('With valid auth headers: the caller\'s org id'),
   user: z.object({ id: z.string(), email: z.string(), role }).optional(),
 });
 
-export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database; limiter: RateLimiter }> = async (
-  app,
-  { config, db, limiter },
-) => {
+export const healthRoutes: FastifyPluginAsyncZod<{
+  config: Config;
+  db: Database;
+  limiter: RateLimiter;
+  auth: Pick<Authenticator, 'invalidationConnected'>;
+}> = async (app, { config, db, limiter, auth }) => {
   app.get(
     '/health',
     {
@@ -44,6 +50,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{ config: Config; db: Database;
         requestId: request.id,
         database: connected ? 'connected' : 'disconnected',
         rateLimiter: limiter.mode,
+        authCache: auth.invalidationConnected ? 'ok' : 'degraded',
         ...(ctx ? { org: ctx.orgId, user: { id: ctx.userId, email: ctx.email, role: ctx.role } } : {}),
       });
     },

@@ -1,6 +1,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import { notFound } from '../errors.js';
+import type { Authenticator } from '../auth/index.js';
 import type { Database } from '../infra/database.js';
 import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
 import { requestMetaOf } from '../middleware/requestMeta.js';
@@ -46,8 +47,13 @@ const UserPageSchema = z.object({
 /**
  * Users of the caller's organization. The org always comes from the auth context, never from
  * the path or body; a user of another org is a 404, exactly like an id that does not exist.
+ * A change to a user is forgotten by this instance's auth cache at once; other instances hear of
+ * it through the database (migration 003).
  */
-export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, { db }) => {
+export const userRoutes: FastifyPluginAsyncZod<{ db: Database; auth: Pick<Authenticator, 'forgetUser'> }> = async (
+  app,
+  { db, auth },
+) => {
   app.get(
     '/users',
     {
@@ -110,7 +116,11 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
         response: { 200: UserSchema, ...errors(...AUTH_ERRORS, 404, 409) },
       },
     },
-    async (request) => toUserDto(await updateUserInOrg(db, contextOf(request), request.params.id, request.body, requestMetaOf(request))),
+    async (request) => {
+      const user = await updateUserInOrg(db, contextOf(request), request.params.id, request.body, requestMetaOf(request));
+      auth.forgetUser(user.id);
+      return toUserDto(user);
+    },
   );
 
   app.delete(
@@ -126,6 +136,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, {
     },
     async (request, reply) => {
       await softDeleteUserInOrg(db, contextOf(request), request.params.id, requestMetaOf(request));
+      auth.forgetUser(request.params.id);
       return reply.code(204).send(null);
     },
   );

@@ -1,4 +1,6 @@
+import type { Authenticator } from '../auth/index.js';
 import type { OrgLimitOverrides } from '../models/orgLimits.model.js';
+import type { User } from '../models/user.model.js';
 
 export const ROLES = ['owner', 'admin', 'member'] as const;
 export type Role = (typeof ROLES)[number];
@@ -22,9 +24,15 @@ export interface RequestMeta {
 }
 
 declare module 'fastify' {
+  interface FastifyInstance {
+    /** Who callers are (the auth cache); tests use its sync() after changing the database directly. */
+    authenticator: Authenticator;
+  }
   interface FastifyRequest {
     /** Null for anonymous requests (public routes only); tenant routes require it. */
     context: RequestContext | null;
+    /** The caller's user record as authentication found it (with `context`; null when anonymous). */
+    caller: User | null;
     /** The caller's org's limit overrides (org_limits), read with the authentication lookup. */
     orgLimitOverrides: OrgLimitOverrides | null;
   }

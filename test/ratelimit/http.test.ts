@@ -146,8 +146,11 @@ describe('per-org limits from org_limits', () => {
     const t = await createTenant();
     expect(await statuses(app, t.member, 2)).toEqual([200, 200]);
     await setOrgLimitOverrides(await getTestDb(), t.org.id, { dailyCap: 3 });
+    // Made outside the app, the change reaches its auth cache through the invalidation channel.
+    expect(await app.authenticator.sync()).toBe(true);
     expect(await statuses(app, t.member, 2)).toEqual([200, 429]);
     await setOrgLimitOverrides(await getTestDb(), t.org.id, { dailyCap: 0 });
+    expect(await app.authenticator.sync()).toBe(true);
     // The refusal is remembered in process for at most a second.
     await new Promise((r) => setTimeout(r, 1_100));
     expect(await statuses(app, t.member, 2)).toEqual([200, 200]);
@@ -334,6 +337,7 @@ describe('limit configuration', () => {
     const app = await appWith({ ORG_DAILY_REQUEST_CAP: '1' });
     const t = await createTenant();
     await setOrgLimitOverrides(await getTestDb(), t.org.id, { dailyCap: 0 });
+    expect(await app.authenticator.sync()).toBe(true);
     expect(await statuses(app, t.member, 3)).toEqual([200, 200, 200]);
   });
 });

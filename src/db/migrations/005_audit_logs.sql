@@ -1,4 +1,4 @@
--- 004: the audit log. Append-only, one hash chain per org.
+-- 005: the audit log. Append-only, one hash chain per org.
 --
 -- Each row stores hash = sha256_hex(previous row's hash || canonical form of this row), the
 -- first row of an org chaining from ''. The canonical form is audit_log_canonical() below. seq

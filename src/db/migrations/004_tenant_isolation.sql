@@ -1,4 +1,4 @@
--- 003: tenant isolation enforced by PostgreSQL (row-level security).
+-- 004: tenant isolation enforced by PostgreSQL (row-level security).
 --
 -- Two roles, both NOLOGIN, owning nothing, neither superuser nor BYPASSRLS:
 --   llm_app_tenant  every request's queries: sees the rows of the org in `app.org_id` only;

@@ -1,0 +1,221 @@
+import { LRUCache } from 'lru-cache';
+import type { AuthLookup } from '../models/user.model.js';
+
+/**
+ * The caller lookup of every authenticated request, kept in process memory.
+ *
+ * Storage, LRU eviction and TTL are lru-cache's. What is written here is what no cache library
+ * gives together and what authentication needs to be correct:
+ *  - Invalidation by user id or by org id without an index of keys: every invalidation takes the
+ *    next number of a counter ("epoch") and remembers it per id; an entry (or a lookup in flight)
+ *    older than the last invalidation of its user or org is stale. That also covers a lookup that
+ *    read the database just before a change and finishes just after the change's invalidation.
+ *  - Single flight: concurrent misses for one (org, user) make one query; a lookup that started
+ *    before an invalidation is not joined by requests that come after it.
+ *  - A separate, smaller LRU for failed lookups, so a flood of unknown ids cannot evict the callers
+ *    that do exist; and an org-wide negative entry, so random user ids in an unknown org cost one
+ *    query, not one each.
+ *  - A bound that holds whatever happens to the invalidation channel: an entry's TTL counts from
+ *    the moment its query started, so nothing is served longer than `ttlMs` after it was read.
+ */
+
+export interface AuthCacheOptions {
+  /** 0 turns the cache off: every lookup queries. */
+  ttlMs: number;
+  maxEntries: number;
+  negativeMaxEntries: number;
+}
+
+export type AuthLoader = (orgId: string, userId: string) => Promise<AuthLookup>;
+
+/** What the invalidation channel carries. */
+export type Invalidation = { kind: 'user'; id: string } | { kind: 'org'; id: string } | { kind: 'all' };
+
+const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
+
+/** `u:<user id>`, `o:<org id>` or `*`, as the database triggers send them; null for anything else. */
+export function parseInvalidation(payload: string): Invalidation | null {
+  if (payload === '*') return { kind: 'all' };
+  const id = payload.slice(2);
+  if (!UUID.test(id)) return null;
+  if (payload.startsWith('u:')) return { kind: 'user', id };
+  if (payload.startsWith('o:')) return { kind: 'org', id };
+  return null;
+}
+
+interface Entry {
+  value: AuthLookup;
+  /** The epoch when its query started. */
+  epoch: number;
+}
+
+interface Flight {
+  promise: Promise<AuthLookup>;
+  epoch: number;
+  startedAt: number;
+}
+
+/** Invalidations remembered beyond this are replaced by one "everything" invalidation. */
+const MAX_REMEMBERED_INVALIDATIONS = 100_000;
+
+export interface AuthCacheStats {
+  hits: number;
+  negativeHits: number;
+  misses: number;
+  /** Misses that joined a lookup already in flight instead of querying. */
+  coalesced: number;
+  loads: number;
+  invalidations: number;
+  size: number;
+  negativeSize: number;
+}
+
+/** Epoch and time of the last invalidation of each id, oldest first. */
+type InvalidationLog = Map<string, { epoch: number; at: number }>;
+
+export class AuthCache {
+  private readonly positive: LRUCache<string, Entry> | null;
+  private readonly negative: LRUCache<string, Entry> | null;
+  private readonly inflight = new Map<string, Flight>();
+  private epoch = 0;
+  private allInvalidatedAt = 0;
+  private readonly users: InvalidationLog = new Map();
+  private readonly orgs: InvalidationLog = new Map();
+  private readonly counts = { hits: 0, negativeHits: 0, misses: 0, coalesced: 0, loads: 0, invalidations: 0 };
+
+  constructor(
+    private readonly load: AuthLoader,
+    private readonly opts: AuthCacheOptions,
+  ) {
+    if (opts.ttlMs > 0) {
+      this.positive = new LRUCache({ max: opts.maxEntries, ttl: opts.ttlMs });
+      this.negative = new LRUCache({ max: opts.negativeMaxEntries, ttl: opts.ttlMs });
+    } else {
+      this.positive = null;
+      this.negative = null;
+    }
+  }
+
+  /** The cached answer, or undefined when it must be looked up (then call `lookup`). */
+  peek(orgId: string, userId: string): AuthLookup | undefined {
+    if (!this.positive || !this.negative) return undefined;
+    const key = `${orgId}:${userId}`;
+    const hit = this.positive.get(key);
+    if (hit) {
+      if (!this.isStale(hit, orgId, userId)) {
+        this.counts.hits++;
+        return hit.value;
+      }
+      this.positive.delete(key);
+    }
+    for (const negativeKey of [key, orgKey(orgId)]) {
+      const miss = this.negative.get(negativeKey);
+      if (!miss) continue;
+      if (!this.isStale(miss, orgId, userId)) {
+        this.counts.negativeHits++;
+        return miss.value;
+      }
+      this.negative.delete(negativeKey);
+    }
+    return undefined;
+  }
+
+  /** The answer from the cache, or from one database query shared by concurrent callers. */
+  async lookup(orgId: string, userId: string): Promise<AuthLookup> {
+    const cached = this.peek(orgId, userId);
+    if (cached) return cached;
+    this.counts.misses++;
+    if (!this.positive) {
+      this.counts.loads++;
+      return this.load(orgId, userId);
+    }
+    const key = `${orgId}:${userId}`;
+    const now = performance.now();
+    const flying = this.inflight.get(key);
+    // Joined only if nothing about this caller changed since it started, and it is younger than
+    // the TTL (older invalidations are forgotten, so its epoch would prove nothing).
+    if (flying && flying.epoch >= this.lastInvalidation(orgId, userId) && now - flying.startedAt < this.opts.ttlMs) {
+      this.counts.coalesced++;
+      return flying.promise;
+    }
+    const epoch = this.epoch;
+    this.counts.loads++;
+    const promise = this.load(orgId, userId).then(
+      (value) => {
+        if (this.inflight.get(key)?.promise === promise) this.inflight.delete(key);
+        this.store(key, orgId, userId, { value, epoch }, now);
+        return value;
+      },
+      (err: unknown) => {
+        if (this.inflight.get(key)?.promise === promise) this.inflight.delete(key);
+        throw err;
+      },
+    );
+    this.inflight.set(key, { promise, epoch, startedAt: now });
+    return promise;
+  }
+
+  invalidate(what: Invalidation): void {
+    this.counts.invalidations++;
+    const epoch = ++this.epoch;
+    if (what.kind === 'all' || this.users.size + this.orgs.size >= MAX_REMEMBERED_INVALIDATIONS) {
+      this.allInvalidatedAt = epoch;
+      this.users.clear();
+      this.orgs.clear();
+      this.positive?.clear();
+      this.negative?.clear();
+      return;
+    }
+    const log = what.kind === 'user' ? this.users : this.orgs;
+    const now = performance.now();
+    // Re-inserted so the map stays ordered by time, and pruned from its old end: an invalidation
+    // older than the TTL cannot concern any entry still alive (TTLs count from the query's start).
+    log.delete(what.id);
+    log.set(what.id, { epoch, at: now });
+    for (const [id, v] of log) {
+      if (now - v.at <= this.opts.ttlMs) break;
+      log.delete(id);
+    }
+    if (what.kind === 'org') this.negative?.delete(orgKey(what.id));
+  }
+
+  stats(): AuthCacheStats {
+    return { ...this.counts, size: this.positive?.size ?? 0, negativeSize: this.negative?.size ?? 0 };
+  }
+
+  private lastInvalidation(orgId: string, userId: string, otherOrgId?: string): number {
+    let last = this.allInvalidatedAt;
+    if (this.orgs.size > 0) {
+      last = Math.max(last, this.orgs.get(orgId)?.epoch ?? 0);
+      if (otherOrgId !== undefined) last = Math.max(last, this.orgs.get(otherOrgId)?.epoch ?? 0);
+    }
+    if (this.users.size > 0) last = Math.max(last, this.users.get(userId)?.epoch ?? 0);
+    return last;
+  }
+
+  private isStale(entry: Entry, orgId: string, userId: string): boolean {
+    // A user of another org is refused (403) only while that org is live too.
+    const userOrg = entry.value.user?.orgId;
+    return entry.epoch < this.lastInvalidation(orgId, userId, userOrg !== orgId ? userOrg : undefined);
+  }
+
+  private store(key: string, orgId: string, userId: string, entry: Entry, startedAt: number): void {
+    if (!this.positive || !this.negative) return;
+    if (this.isStale(entry, orgId, userId)) return;
+    const ttl = Math.floor(this.opts.ttlMs - (performance.now() - startedAt));
+    if (ttl <= 0) return;
+    const { value } = entry;
+    Object.freeze(value.limitOverrides);
+    if (value.user && value.user.orgId === orgId) {
+      this.positive.set(key, entry, { ttl });
+      this.negative.delete(key);
+    } else if (!value.orgExists) {
+      // Whoever the user is, an unknown org answers 401: one entry serves every user id in it.
+      this.negative.set(orgKey(orgId), { value: { orgExists: false, user: null, limitOverrides: {} }, epoch: entry.epoch }, { ttl });
+    } else {
+      this.negative.set(key, entry, { ttl });
+    }
+  }
+}
+
+const orgKey = (orgId: string) => `o:${orgId}`;

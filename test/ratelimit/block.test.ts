@@ -1,0 +1,111 @@
+import { randomUUID } from 'node:crypto';
+import { afterEach, describe, expect, it } from 'vitest';
+import { RateLimiter } from '../../src/ratelimit/limiter.js';
+import { createMemoryBackend } from '../../src/ratelimit/memory.js';
+import type { LimiterBackend } from '../../src/ratelimit/types.js';
+import { UsageRecorder } from '../../src/ratelimit/usage.js';
+import { testConfig } from '../helpers/app.js';
+import { getTestDb, silentLogger } from '../helpers/db.js';
+import { T0, limits } from './helpers.js';
+
+/**
+ * The in-process "blocked until" of a refused org: a flood costs one backend call per expiry of
+ * the block, not one per concurrent request (the stampede a plain expiry would let through).
+ */
+
+const limiters: RateLimiter[] = [];
+afterEach(async () => {
+  await Promise.all(limiters.splice(0).map((l) => l.close()));
+});
+
+/** The real memory backend, counting its calls and answering after a short delay, like a network would. */
+function countingBackend(delayMs: number): LimiterBackend & { calls: number } {
+  const inner = createMemoryBackend({ maxKeys: 10_000 });
+  const backend = {
+    kind: inner.kind,
+    calls: 0,
+    async acquire(req: Parameters<LimiterBackend['acquire']>[0]) {
+      backend.calls++;
+      await new Promise((r) => setTimeout(r, delayMs));
+      return inner.acquire(req);
+    },
+    release: (orgId: string, slotId: string) => inner.release(orgId, slotId),
+    close: () => inner.close(),
+  };
+  return backend;
+}
+
+async function limiterWith(backend: LimiterBackend): Promise<RateLimiter> {
+  const config = testConfig();
+  const usage = new UsageRecorder(await getTestDb(), silentLogger, 60_000);
+  const limiter = new RateLimiter({ primary: backend, createFallback: null, usage, config: config.rateLimit, logger: silentLogger });
+  limiters.push(limiter);
+  return limiter;
+}
+
+describe('blocked until, at expiry', () => {
+  // One token, ten a second: a refusal blocks for 100 ms.
+  const orgLimits = limits({ orgBurst: 1, orgPerSecond: 10 });
+
+  it('50 concurrent requests after the block expires make one backend call; the others are still refused', async () => {
+    const backend = countingBackend(5);
+    const limiter = await limiterWith(backend);
+    const orgId = randomUUID();
+    const ask = (nowMs: number) => limiter.acquireOrg({ orgId, userId: randomUUID(), limits: orgLimits, nowMs });
+
+    expect((await ask(T0)).allowed).toBe(true);
+    expect((await ask(T0)).allowed).toBe(false); // blocked until T0 + 100
+    expect(backend.calls).toBe(2);
+    const during = await Promise.all(Array.from({ length: 50 }, () => ask(T0 + 50)));
+    expect(during.every((a) => !a.allowed)).toBe(true);
+    expect(backend.calls).toBe(2); // all from memory
+
+    const after = await Promise.all(Array.from({ length: 50 }, () => ask(T0 + 150)));
+    expect(backend.calls).toBe(3); // one probe
+    expect(after.filter((a) => a.allowed)).toHaveLength(1); // the probe found a token
+    expect(after.filter((a) => !a.allowed)).toHaveLength(49);
+
+    // Its answer ended the old block; the next request goes to the backend and is refused by it.
+    expect((await ask(T0 + 151)).allowed).toBe(false);
+    expect(backend.calls).toBe(4);
+  });
+
+  it('a probe that is refused again sets a new block', async () => {
+    const backend = countingBackend(1);
+    const limiter = await limiterWith(backend);
+    const orgId = randomUUID();
+    const slow = limits({ orgBurst: 1, orgPerSecond: 0.5 }); // a refusal blocks for up to a second
+    const ask = (nowMs: number) => limiter.acquireOrg({ orgId, userId: randomUUID(), limits: slow, nowMs });
+    expect((await ask(T0)).allowed).toBe(true);
+    expect((await ask(T0)).allowed).toBe(false);
+    // At T0 + 1000 the block (capped at 1 s) expires but the bucket has only 0.5 token: refused again.
+    const probe = await ask(T0 + 1_000);
+    expect(probe.allowed).toBe(false);
+    expect(backend.calls).toBe(3);
+    expect((await ask(T0 + 1_100)).allowed).toBe(false);
+    expect(backend.calls).toBe(3); // the new block answers
+
+  });
+
+  it('a probe whose answer never comes back holds the others for at most a second, then another request asks', async () => {
+    const backend = countingBackend(1);
+    let hang = false;
+    const hanging: LimiterBackend = {
+      ...backend,
+      acquire: (req) => (hang ? new Promise(() => undefined) : backend.acquire(req)),
+    };
+    const limiter = await limiterWith(hanging);
+    const orgId = randomUUID();
+    const ask = (nowMs: number) => limiter.acquireOrg({ orgId, userId: randomUUID(), limits: orgLimits, nowMs });
+    expect((await ask(T0)).allowed).toBe(true);
+    expect((await ask(T0)).allowed).toBe(false); // blocked until T0 + 100
+    hang = true;
+    void ask(T0 + 150); // the probe, never answered
+    expect((await ask(T0 + 200)).allowed).toBe(false);
+    expect((await ask(T0 + 1_100)).allowed).toBe(false); // still within a second of the probe
+    hang = false;
+    const calls = backend.calls;
+    expect((await ask(T0 + 1_150)).allowed).toBe(true); // a new probe, answered
+    expect(backend.calls).toBe(calls + 1);
+  });
+});
