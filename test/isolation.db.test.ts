@@ -182,18 +182,19 @@ describe('a pooled connection keeps nothing of a tenant transaction (pool of one
     if (single !== db) await single.close();
   });
 
-  const session = async () =>
-    (
-      await single.query<{ who: string; org: string | null; su: string }>(
-        "SELECT current_user::text AS who, current_setting('app.org_id', true) AS org, current_setting('is_superuser') AS su",
-      )
-    ).rows[0]!;
+  // No org is either never set on this connection (null) or set and ended ('').
+  const session = async () => {
+    const { rows } = await single.query<{ who: string; org: string | null; su: string }>(
+      "SELECT current_user::text AS who, current_setting('app.org_id', true) AS org, current_setting('is_superuser') AS su",
+    );
+    return { ...rows[0]!, org: rows[0]!.org ?? '' };
+  };
 
   it('after a committed, a failed and a one-statement scope, the connection is back to its own user with no org', async () => {
     const own = await session();
     expect(own.who).not.toBe(TENANT_ROLE);
     await withTenant(single, a.org.id, (tx) => tx.query('SELECT 1 FROM users'));
-    expect(await session()).toEqual({ ...own, org: own.org ?? '' });
+    expect(await session()).toEqual(own);
     const boom = new Error('boom');
     await expect(
       withTenant(single, a.org.id, async (tx) => {
@@ -201,9 +202,27 @@ describe('a pooled connection keeps nothing of a tenant transaction (pool of one
         throw boom;
       }),
     ).rejects.toBe(boom);
-    expect(await session()).toEqual({ ...own, org: own.org ?? '' });
+    expect(await session()).toEqual(own);
     await expect(queryAsTenant(single, b.org.id, 'SELECT no_such_column FROM users')).rejects.toMatchObject({ code: '42703' });
-    expect(await session()).toEqual({ ...own, org: own.org ?? '' });
+    expect(await session()).toEqual(own);
+  });
+
+  it('one-statement scopes: a failed setup stops the statement, a write commits, the settings end with it', async () => {
+    const slug = `scope-${randomUUID().slice(0, 8)}`;
+    const insert = "INSERT INTO orgs (name, slug) VALUES ('Scoped', $1)";
+    // A setup that fails (a role that does not exist): the write after it must not happen.
+    const bad = { sql: "SELECT set_config('role', 'llm_app_no_such_role', true)" };
+    await expect(single.queryInTransaction(bad, insert, [slug])).rejects.toMatchObject({ code: '22023' });
+    expect((await single.query('SELECT 1 FROM orgs WHERE slug = $1', [slug])).rowCount).toBe(0);
+    // A setup that works, as the system role: the write is committed.
+    const system = { sql: `SELECT set_config('role', '${SYSTEM_ROLE}', true)`, name: 'test_system_scope' };
+    const done = await single.queryInTransaction(system, `${insert} RETURNING slug`, [slug], 'test_scoped_insert');
+    expect(done.rows).toEqual([{ slug }]);
+    expect((await single.query('SELECT 1 FROM orgs WHERE slug = $1', [slug])).rowCount).toBe(1);
+    // The same names again on the same connection (bound, not parsed again), then the role is gone.
+    const again = await single.queryInTransaction<{ who: string }>(system, 'SELECT current_user::text AS who', []);
+    expect(again.rows).toEqual([{ who: SYSTEM_ROLE }]);
+    expect((await session()).who).not.toBe(SYSTEM_ROLE);
   });
 
   it('alternating orgs on the one connection, each sees only its own rows', async () => {

@@ -1,4 +1,5 @@
 import { mkdir } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import pg from 'pg';
 import type { PGlite as PGliteType, Transaction as PGliteTransaction } from '@electric-sql/pglite';
@@ -69,9 +70,10 @@ export interface Database extends Queryable {
   /** BEGIN … COMMIT around `fn`; ROLLBACK if it throws. */
   transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T>;
   /**
-   * BEGIN, `setup`, one statement, COMMIT: a transaction of one statement. On PostgreSQL the four
-   * go out together and come back in one round trip; a failure anywhere rolls back all of it.
-   * `name` as for query().
+   * `setup` then one statement, in one transaction of their own: the setup's transaction-local
+   * settings apply to the statement and end with it; if the setup fails the statement does not
+   * run; a failure rolls back both. On PostgreSQL: one round trip, two statements (no BEGIN or
+   * COMMIT). `name` as for query().
    */
   queryInTransaction<R = Record<string, unknown>>(
     setup: Statement,
@@ -123,13 +125,69 @@ function translate(err: unknown): unknown {
   return isUnavailableError(err) ? new DatabaseUnavailableError(err) : err;
 }
 
-const toError = (e: unknown): Error => (e instanceof Error ? e : new Error(String(e)));
-
 const toQueryConfig = (st: Statement): pg.QueryConfig => ({
   text: st.sql,
   ...(st.params ? { values: st.params as unknown[] } : {}),
   ...(st.name ? { name: st.name } : {}),
 });
+
+// ---------------------------------------------------------------------------------------------
+// Two statements under one Sync
+
+/**
+ * The setup statement and the statement itself, sent as one extended-protocol batch ended by a
+ * single Sync. PostgreSQL runs everything up to a Sync as one implicit transaction: the setup's
+ * transaction-local settings (role, org) apply to the statement and end at the Sync, with no
+ * BEGIN or COMMIT; if the setup fails, the server skips the statement; if the statement fails,
+ * both roll back. Half the statements, and a quarter of the server's answers, of BEGIN, setup,
+ * statement, COMMIT.
+ *
+ * Written here because pg has no API for it: every query it sends ends with its own Sync. This
+ * extends pg's Query and uses the same connection calls Query itself makes (parse, bind, describe,
+ * execute, and the per-connection list of parsed statement names); every tenant read goes through
+ * it, so the whole test suite exercises it.
+ */
+interface WireConnection {
+  parsedStatements: Record<string, string | undefined>;
+  submittedNamedStatements: Record<string, string | undefined>;
+  parse(msg: { text: string; name?: string; types: unknown[] }): void;
+  bind(msg: { portal: string; statement?: string; values: unknown[]; valueMapper: (v: unknown) => unknown }): void;
+  describe(msg: { type: 'P'; name: string }): void;
+  execute(msg: { portal: string; rows: number }): void;
+}
+
+interface PgQueryInternals {
+  prepare(connection: WireConnection): void;
+}
+
+const require = createRequire(import.meta.url);
+// pg's own conversion of JavaScript values to parameters (dates, arrays, JSON, buffers).
+const { prepareValue } = require('pg/lib/utils.js') as { prepareValue: (v: unknown) => unknown };
+const PgQuery = pg.Query as unknown as new (config: pg.QueryConfig & { queryMode: 'extended' }) => PgQueryInternals;
+
+class ScopedQuery extends PgQuery {
+  constructor(
+    private readonly setup: Statement,
+    config: pg.QueryConfig,
+  ) {
+    // Always the extended protocol, even without parameters: the simple one would skip prepare().
+    super({ ...config, queryMode: 'extended' });
+  }
+
+  override prepare(connection: WireConnection): void {
+    const { sql, params, name } = this.setup;
+    if (!name || (connection.parsedStatements[name] === undefined && connection.submittedNamedStatements[name] === undefined)) {
+      connection.parse({ text: sql, ...(name ? { name } : {}), types: [] });
+      // Remembered as sent: later batches on this connection bind it without parsing it again.
+      if (name) connection.submittedNamedStatements[name] = sql;
+    }
+    connection.bind({ portal: '', ...(name ? { statement: name } : {}), values: [...(params ?? [])], valueMapper: prepareValue });
+    connection.describe({ type: 'P', name: '' });
+    connection.execute({ portal: '', rows: 0 });
+    // The statement itself, as pg sends any query, ending with the one Sync.
+    super.prepare(connection);
+  }
+}
 
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -158,7 +216,7 @@ export function createPostgresDatabase(
     application_name: 'llm-app',
     keepAlive: true,
     // Statements of one transaction are sent without waiting for the previous answer where the
-    // code allows it (BEGIN with its setup statement; see queryInTransaction), saving round trips.
+    // code allows it (BEGIN with its setup statement in transaction()), saving a round trip.
     pipeline: true,
     ...(config.statementTimeoutMs > 0
       ? {
@@ -247,22 +305,16 @@ export function createPostgresDatabase(
       }
     },
     async queryInTransaction<R>(setup: Statement, sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> {
-      const client = await connect();
-      // All four in one round trip. A failed statement aborts the transaction, so the ones after
-      // it fail too and COMMIT ends it as a rollback; the results are read only if all succeeded.
-      const [begin, set, res, commit] = await Promise.allSettled([
-        client.query('BEGIN'),
-        client.query(toQueryConfig(setup)),
-        client.query(toQueryConfig({ sql, ...(params ? { params } : {}), ...(name ? { name } : {}) })),
-        client.query('COMMIT'),
-      ]);
-      const failed = [begin, set, res, commit].find((r) => r.status === 'rejected');
-      // Whatever failed, the session is idle again unless the COMMIT itself could not be
-      // answered (a dead connection): then the pool must not reuse it.
-      release(client, commit.status === 'rejected' ? toError(commit.reason) : undefined);
-      if (failed) throw translate(failed.reason);
-      const out = (res as PromiseFulfilledResult<pg.QueryResult>).value;
-      return { rows: out.rows as R[], rowCount: out.rowCount ?? 0 };
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      try {
+        const query = new ScopedQuery(setup, { text: sql, values: (params ?? []) as unknown[], ...(name ? { name } : {}) });
+        const results = (await pool.query(query as unknown as pg.QueryConfig)) as unknown as pg.QueryResult | pg.QueryResult[];
+        // Two statements, two results: the setup's, then the statement's.
+        const out = Array.isArray(results) ? results[results.length - 1]! : results;
+        return { rows: out.rows as R[], rowCount: out.rowCount ?? 0 };
+      } catch (err) {
+        throw translate(err);
+      }
     },
     async health(timeoutMs: number) {
       if (closed) return false;
