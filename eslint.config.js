@@ -23,6 +23,21 @@ export default tseslint.config(
     },
   },
   {
+    // Tenant tables are reached only through withTenant / withSystem (src/db/tenancy.ts), which set
+    // the role row-level security checks; a bare db.query would run as the connection's user.
+    files: ['src/models/**/*.ts', 'src/routes/**/*.ts', 'src/middleware/**/*.ts', 'src/cli/**/*.ts', 'src/ratelimit/**/*.ts'],
+    rules: {
+      'no-restricted-syntax': [
+        'error',
+        {
+          selector:
+            "CallExpression[callee.property.name=/^(query|transaction|queryInTransaction)$/]:matches([callee.object.name='db'], [callee.object.property.name='db'])",
+          message: 'Reach tables through withTenant/queryAsTenant or withSystem/queryAsSystem (src/db/tenancy.ts).',
+        },
+      ],
+    },
+  },
+  {
     // Tests read JSON bodies (res.json() is `any`) and compare them with asymmetric matchers.
     files: ['test/**/*.ts', 'bench/**/*.ts'],
     rules: {

@@ -213,6 +213,16 @@ check_status "f) GET /v1/me without headers" 401
 request GET /v1/me -H "x-org-id: $ACME_ORG"
 check_status "f) GET /v1/me with only x-org-id" 400
 
+# --- g) the audit log ---------------------------------------------------------------
+
+section "g) GET /v1/audit-logs"
+request GET "/v1/audit-logs?limit=5" "${AS_ACME_ADMIN[@]}"
+check_status "g) GET /v1/audit-logs as Acme admin" 200
+check_eq "g) entries of Acme only, newest first" true \
+  "$(json 'Array.isArray(b.data) && b.data.every((e, i, a) => i === 0 || a[i - 1].seq > e.seq) && "nextCursor" in b')"
+request GET /v1/audit-logs -H "x-org-id: $ACME_ORG" -H "x-user-id: 00000000-0000-0000-0001-000000000002"
+check_status "g) GET /v1/audit-logs as Acme member" 403
+
 # --- summary -------------------------------------------------------------------
 
 printf '\n%d passed, %d failed\n' "$PASSED" "$FAILED"

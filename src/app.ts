@@ -12,10 +12,12 @@ import { createAuthenticator } from './auth/index.js';
 import type { Config } from './config/env.js';
 import type { Database } from './infra/database.js';
 import { loggerOptions } from './infra/logger.js';
+import { registerRefusalAudit } from './middleware/auditRefusals.js';
 import { registerErrorHandling, sendError, toAppError } from './middleware/errorHandler.js';
 import { registerFakeAuth, requireContext } from './middleware/fakeAuth.middleware.js';
 import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
+import { auditRoutes } from './routes/audit.route.js';
 import { healthRoutes } from './routes/health.route.js';
 import { meRoutes } from './routes/me.route.js';
 import { userRoutes } from './routes/users.route.js';
@@ -104,6 +106,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   }
   registerIpLimit(app, limiter, config);
   registerFakeAuth(app, auth);
+  registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
   registerErrorHandling(app);
 
   await app.register(swagger, {
@@ -142,6 +145,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
       await v1.register(meRoutes, { db });
       await v1.register(userRoutes, { db, auth });
       await v1.register(usageRoutes, { config, limiter });
+      await v1.register(auditRoutes, { db });
     },
     { prefix: '/v1' },
   );

@@ -1,11 +1,13 @@
 /**
- * Process entry: configuration -> database (+ migrations) -> rate limiter -> app -> listen.
+ * Process entry: configuration -> database (+ migrations, isolation check) -> rate limiter -> app
+ * -> listen.
  * SIGTERM/SIGINT: stop accepting connections, let in-flight requests finish (bounded by
  * SHUTDOWN_TIMEOUT_MS), close the database, exit 0. A second signal exits at once.
  */
 import closeWithGrace from 'close-with-grace';
 import { buildApp } from './app.js';
 import { ConfigError, loadConfig, type Config } from './config/env.js';
+import { checkTenantIsolation } from './db/isolationCheck.js';
 import { migrate } from './db/migrator.js';
 import { seed } from './db/seed.js';
 import { createDatabase, type Database } from './infra/database.js';
@@ -35,6 +37,13 @@ try {
     const { applied } = await migrate(db, logger);
     if (applied.length > 0) logger.info({ applied: applied.map((m) => m.filename) }, 'Migrations applied');
     if (config.env !== 'production') await seed(db);
+  }
+  // Tenant isolation rests on row-level security: never serve with a role that can get around it.
+  const problems = await checkTenantIsolation(db);
+  if (problems.length > 0) {
+    logger.fatal({ problems }, `Tenant isolation is not enforced by the database: ${problems.join('; ')}`);
+    await db.close().catch(() => undefined);
+    process.exit(1);
   }
 } catch (err) {
   logger.fatal({ err }, 'Cannot prepare the database');

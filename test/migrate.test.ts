@@ -307,16 +307,16 @@ describe('migrate() on a fresh database', () => {
       }
     });
 
-    it('has UNIQUE (org_id, id) on users, usable by a composite foreign key', async () => {
+    it('has (org_id, id) as a key of users (the primary key since 004), usable by a composite foreign key', async () => {
       const { rows } = await db.query<{ cols: string }>(
         `SELECT string_agg(a.attname::text, ',' ORDER BY k.ord) AS cols
          FROM pg_constraint c
          CROSS JOIN LATERAL unnest(c.conkey) WITH ORDINALITY AS k(attnum, ord)
          JOIN pg_attribute a ON a.attrelid = c.conrelid AND a.attnum = k.attnum
-         WHERE c.conrelid = 'public.users'::regclass AND c.contype = 'u'
+         WHERE c.conrelid = 'public.users'::regclass AND c.contype = 'p'
          GROUP BY c.oid`,
       );
-      expect(rows.map((r) => r.cols)).toContain('org_id,id');
+      expect(rows.map((r) => r.cols)).toEqual(['org_id,id']);
 
       // What it is for: a tenant table referencing (org_id, user_id) cannot point at another org's user.
       const orgA = await insertOrg(db);

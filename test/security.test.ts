@@ -13,6 +13,7 @@ describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/me', okStatus: 200 
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/users', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 });
+describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 });
 describeTenantRouteSecurity({ method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 });
 describeTenantRouteSecurity({

@@ -106,6 +106,8 @@ const schema = z.object({
     RATE_LIMIT_SLOT_TTL_MS: int(600_000, 1_000, 86_400_000),
     USAGE_FLUSH_INTERVAL_MS: int(2_000, 50, 5_000),
     LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: int(1_000, 0, 60_000),
+
+    AUDIT_REFUSALS_PER_MINUTE: int(30, 0, 1_000_000),
 });
 
 type Parsed = z.infer<typeof schema>;
@@ -132,6 +134,8 @@ export interface Config {
   readonly rateLimit: RateLimitConfig;
   /** 0 turns load shedding off. */
   readonly loadShedMaxEventLoopDelayMs: number;
+  /** Refused requests (401/403) recorded in an org's audit log per minute and instance; 0: none. */
+  readonly auditRefusalsPerMinute: number;
 }
 
 export interface RateLimitConfig {
@@ -268,6 +272,7 @@ export function loadConfig(
       usageFlushIntervalMs: c.USAGE_FLUSH_INTERVAL_MS,
     },
     loadShedMaxEventLoopDelayMs: c.LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS,
+    auditRefusalsPerMinute: c.AUDIT_REFUSALS_PER_MINUTE,
   } satisfies Config);
 }
 

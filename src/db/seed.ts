@@ -1,4 +1,5 @@
 import type { Database } from '../infra/database.js';
+import { withSystem } from './tenancy.js';
 
 /**
  * Development and test data, never applied when NODE_ENV=production. Fixed ids, so the README's
@@ -39,8 +40,9 @@ export interface SeedReport {
   users: { id: string; email: string; role: string; org_id: string }[];
 }
 
+/** Writes rows of several orgs: the system path (row-level security applies to the owner too). */
 export async function seed(db: Database): Promise<SeedReport> {
-  return db.transaction(async (tx) => {
+  return withSystem(db, async (tx) => {
     for (const o of SEED.orgs) {
       await tx.query('INSERT INTO orgs (id, name, slug) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING', [o.id, o.name, o.slug]);
     }

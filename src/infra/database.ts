@@ -1,4 +1,5 @@
 import { mkdir } from 'node:fs/promises';
+import { createRequire } from 'node:module';
 import path from 'node:path';
 import pg from 'pg';
 import type { PGlite as PGliteType, Transaction as PGliteTransaction } from '@electric-sql/pglite';
@@ -31,6 +32,21 @@ export interface Transaction extends Queryable {
   exec(sql: string): Promise<void>;
 }
 
+/** One parameterised statement; `name` makes it a prepared statement on PostgreSQL (parsed once per connection). */
+export interface Statement {
+  readonly sql: string;
+  readonly params?: readonly unknown[];
+  readonly name?: string;
+}
+
+export interface TransactionOptions {
+  /**
+   * A statement that opens the transaction (settings such as the role): sent together with BEGIN,
+   * so it costs no round trip of its own. If it fails, `fn` never runs.
+   */
+  readonly setup?: Statement;
+}
+
 export interface SubscriptionHandlers {
   onMessage(payload: string): void;
   /** Listening (again). Whatever was sent while it was not is lost. */
@@ -52,7 +68,19 @@ export interface Database extends Queryable {
    */
   subscribe(channel: string, handlers: SubscriptionHandlers): Subscription;
   /** BEGIN … COMMIT around `fn`; ROLLBACK if it throws. */
-  transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T>;
+  transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T>;
+  /**
+   * `setup` then one statement, in one transaction of their own: the setup's transaction-local
+   * settings apply to the statement and end with it; if the setup fails the statement does not
+   * run; a failure rolls back both. On PostgreSQL: one round trip, two statements (no BEGIN or
+   * COMMIT). `name` as for query().
+   */
+  queryInTransaction<R = Record<string, unknown>>(
+    setup: Statement,
+    sql: string,
+    params?: readonly unknown[],
+    name?: string,
+  ): Promise<QueryResult<R>>;
   /** True when a trivial query answers within `timeoutMs`; never throws, never hangs longer. */
   health(timeoutMs: number): Promise<boolean>;
   close(): Promise<void>;
@@ -97,6 +125,70 @@ function translate(err: unknown): unknown {
   return isUnavailableError(err) ? new DatabaseUnavailableError(err) : err;
 }
 
+const toQueryConfig = (st: Statement): pg.QueryConfig => ({
+  text: st.sql,
+  ...(st.params ? { values: st.params as unknown[] } : {}),
+  ...(st.name ? { name: st.name } : {}),
+});
+
+// ---------------------------------------------------------------------------------------------
+// Two statements under one Sync
+
+/**
+ * The setup statement and the statement itself, sent as one extended-protocol batch ended by a
+ * single Sync. PostgreSQL runs everything up to a Sync as one implicit transaction: the setup's
+ * transaction-local settings (role, org) apply to the statement and end at the Sync, with no
+ * BEGIN or COMMIT; if the setup fails, the server skips the statement; if the statement fails,
+ * both roll back. Half the statements, and a quarter of the server's answers, of BEGIN, setup,
+ * statement, COMMIT.
+ *
+ * Written here because pg has no API for it: every query it sends ends with its own Sync. This
+ * extends pg's Query and uses the same connection calls Query itself makes (parse, bind, describe,
+ * execute, and the per-connection list of parsed statement names); every tenant read goes through
+ * it, so the whole test suite exercises it.
+ */
+interface WireConnection {
+  parsedStatements: Record<string, string | undefined>;
+  submittedNamedStatements: Record<string, string | undefined>;
+  parse(msg: { text: string; name?: string; types: unknown[] }): void;
+  bind(msg: { portal: string; statement?: string; values: unknown[]; valueMapper: (v: unknown) => unknown }): void;
+  describe(msg: { type: 'P'; name: string }): void;
+  execute(msg: { portal: string; rows: number }): void;
+}
+
+interface PgQueryInternals {
+  prepare(connection: WireConnection): void;
+}
+
+const require = createRequire(import.meta.url);
+// pg's own conversion of JavaScript values to parameters (dates, arrays, JSON, buffers).
+const { prepareValue } = require('pg/lib/utils.js') as { prepareValue: (v: unknown) => unknown };
+const PgQuery = pg.Query as unknown as new (config: pg.QueryConfig & { queryMode: 'extended' }) => PgQueryInternals;
+
+class ScopedQuery extends PgQuery {
+  constructor(
+    private readonly setup: Statement,
+    config: pg.QueryConfig,
+  ) {
+    // Always the extended protocol, even without parameters: the simple one would skip prepare().
+    super({ ...config, queryMode: 'extended' });
+  }
+
+  override prepare(connection: WireConnection): void {
+    const { sql, params, name } = this.setup;
+    if (!name || (connection.parsedStatements[name] === undefined && connection.submittedNamedStatements[name] === undefined)) {
+      connection.parse({ text: sql, ...(name ? { name } : {}), types: [] });
+      // Remembered as sent: later batches on this connection bind it without parsing it again.
+      if (name) connection.submittedNamedStatements[name] = sql;
+    }
+    connection.bind({ portal: '', ...(name ? { statement: name } : {}), values: [...(params ?? [])], valueMapper: prepareValue });
+    connection.describe({ type: 'P', name: '' });
+    connection.execute({ portal: '', rows: 0 });
+    // The statement itself, as pg sends any query, ending with the one Sync.
+    super.prepare(connection);
+  }
+}
+
 function withTimeout<T>(p: Promise<T>, ms: number): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
   const timeout = new Promise<never>((_, reject) => {
@@ -123,6 +215,9 @@ export function createPostgresDatabase(
     connectionTimeoutMillis: config.connectionTimeoutMs,
     application_name: 'llm-app',
     keepAlive: true,
+    // Statements of one transaction are sent without waiting for the previous answer where the
+    // code allows it (BEGIN with its setup statement in transaction()), saving a round trip.
+    pipeline: true,
     ...(config.statementTimeoutMs > 0
       ? {
           statement_timeout: config.statementTimeoutMs,
@@ -138,6 +233,25 @@ export function createPostgresDatabase(
   });
 
   let closed = false;
+  // A checked-out client whose socket dies emits 'error' (writes of pipelined statements can meet
+  // the dead socket before any answer does); the pool listens only while the client is idle.
+  // Its queries fail with the error anyway, so while it is checked out the event is only absorbed.
+  const absorb = (): void => undefined;
+  const connect = async (): Promise<pg.PoolClient> => {
+    if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+    let client: pg.PoolClient;
+    try {
+      client = await pool.connect();
+    } catch (err) {
+      throw translate(err);
+    }
+    client.on('error', absorb);
+    return client;
+  };
+  const release = (client: pg.PoolClient, err?: Error): void => {
+    client.off('error', absorb);
+    client.release(err);
+  };
   const query = async <R>(sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> => {
     if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
     try {
@@ -158,14 +272,8 @@ export function createPostgresDatabase(
       subscriptions.add(sub);
       return sub;
     },
-    async transaction<T>(fn: (tx: Transaction) => Promise<T>): Promise<T> {
-      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
-      let client: pg.PoolClient;
-      try {
-        client = await pool.connect();
-      } catch (err) {
-        throw translate(err);
-      }
+    async transaction<T>(fn: (tx: Transaction) => Promise<T>, options?: TransactionOptions): Promise<T> {
+      const client = await connect();
       const tx: Transaction = {
         async query<R>(sql: string, params?: readonly unknown[], name?: string) {
           const values = params as unknown[] | undefined;
@@ -178,7 +286,9 @@ export function createPostgresDatabase(
       };
       let broken: Error | undefined;
       try {
-        await client.query('BEGIN');
+        // Pipelined: BEGIN and the setup travel together. `fn` starts only once both have
+        // succeeded, so nothing of it can run outside the transaction or without its setup.
+        await Promise.all([client.query('BEGIN'), ...(options?.setup ? [client.query(toQueryConfig(options.setup))] : [])]);
         const result = await fn(tx);
         await client.query('COMMIT');
         return result;
@@ -191,7 +301,19 @@ export function createPostgresDatabase(
         }
         throw translate(err);
       } finally {
-        client.release(broken);
+        release(client, broken);
+      }
+    },
+    async queryInTransaction<R>(setup: Statement, sql: string, params?: readonly unknown[], name?: string): Promise<QueryResult<R>> {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      try {
+        const query = new ScopedQuery(setup, { text: sql, values: (params ?? []) as unknown[], ...(name ? { name } : {}) });
+        const results = (await pool.query(query as unknown as pg.QueryConfig)) as unknown as pg.QueryResult | pg.QueryResult[];
+        // Two statements, two results: the setup's, then the statement's.
+        const out = Array.isArray(results) ? results[results.length - 1]! : results;
+        return { rows: out.rows as R[], rowCount: out.rowCount ?? 0 };
+      } catch (err) {
+        throw translate(err);
       }
     },
     async health(timeoutMs: number) {
@@ -373,9 +495,22 @@ export async function createPgliteDatabase(dataDir: string): Promise<Database> {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
       return root.query(sql, params);
     },
-    transaction: async (fn) => {
+    transaction: async (fn, options) => {
       if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
-      return db.transaction((tx) => fn(wrap(tx)));
+      return db.transaction(async (tx) => {
+        const w = wrap(tx);
+        if (options?.setup) await w.query(options.setup.sql, options.setup.params);
+        return fn(w);
+      });
+    },
+    // Names are for PostgreSQL's plan cache; PGlite parses each statement anyway.
+    queryInTransaction: async <R>(setup: Statement, sql: string, params?: readonly unknown[]) => {
+      if (closed) throw new DatabaseUnavailableError(new Error('database closed'));
+      return db.transaction(async (tx) => {
+        const w = wrap(tx);
+        await w.query(setup.sql, setup.params);
+        return w.query<R>(sql, params);
+      });
     },
     async health(timeoutMs: number) {
       if (closed) return false;

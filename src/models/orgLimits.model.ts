@@ -1,9 +1,12 @@
-import type { Queryable } from '../infra/database.js';
+import { queryAsSystem, withSystem, type SystemTx } from '../db/tenancy.js';
+import type { Database, Queryable } from '../infra/database.js';
 import type { OrgLimits } from '../ratelimit/types.js';
+import { appendAuditLog, SYSTEM_ACTOR, type AuditActor } from './audit.model.js';
 
 /**
  * Per-org overrides of the default limits (org_limits). Not tenant data a tenant can change:
- * operators edit it with `npm run org:limits`; admins of the org read the effective values.
+ * operators edit it with `npm run org:limits` (the system path, audited as the system); admins
+ * of the org read the effective values, which the authentication lookup brings along.
  */
 
 /** One org's overrides: undefined/null = the default from the environment; 0 = no limit. */
@@ -52,9 +55,50 @@ export function effectiveLimits(defaults: OrgLimits, overrides: OrgLimitOverride
   return limits;
 }
 
-export async function findOrgLimitOverrides(db: Queryable, orgId: string): Promise<OrgLimitOverrides> {
-  const { rows } = await db.query(`SELECT ${ORG_LIMITS_SELECT} FROM org_limits l WHERE l.org_id = $1`, [orgId]);
+const SELECT_OVERRIDES = `SELECT ${ORG_LIMITS_SELECT} FROM org_limits l WHERE l.org_id = $1`;
+
+async function readOverrides(tx: SystemTx, orgId: string): Promise<OrgLimitOverrides> {
+  const { rows } = await tx.query(SELECT_OVERRIDES, [orgId]);
   return rows[0] ? overridesFromRow(rows[0]) : {};
+}
+
+/** Operator read (the limits CLI): the system path. */
+export async function findOrgLimitOverrides(db: Database, orgId: string): Promise<OrgLimitOverrides> {
+  const { rows } = await queryAsSystem(db, SELECT_OVERRIDES, [orgId]);
+  return rows[0] ? overridesFromRow(rows[0]) : {};
+}
+
+const sameOverrides = (a: OrgLimitOverrides, b: OrgLimitOverrides) => FIELDS.every((f) => (a[f] ?? null) === (b[f] ?? null));
+
+/**
+ * Runs `write` under the org's lock and records `org_limits.changed` (before and after) in the
+ * same transaction when the overrides did change. Returns the overrides now stored.
+ */
+async function changeOverrides(
+  db: Database | Queryable,
+  orgId: string,
+  actor: AuditActor,
+  write: (tx: SystemTx) => Promise<void>,
+): Promise<OrgLimitOverrides> {
+  // A Database: the system path, in a transaction of its own. Anything else is a transaction the
+  // caller already holds and answers for (the tools that prepare data in bulk, as a superuser).
+  const inScope = <T>(fn: (tx: SystemTx) => Promise<T>): Promise<T> =>
+    'queryInTransaction' in db ? withSystem(db, fn) : fn(db as SystemTx);
+  return inScope(async (tx) => {
+    await tx.query('SELECT lock_org($1)', [orgId]);
+    const before = await readOverrides(tx, orgId);
+    await write(tx);
+    const after = await readOverrides(tx, orgId);
+    if (!sameOverrides(before, after)) {
+      await appendAuditLog(tx, orgId, {
+        action: 'org_limits.changed',
+        actor,
+        target: { type: 'org_limits', id: orgId },
+        metadata: { before, after },
+      });
+    }
+    return after;
+  });
 }
 
 /**
@@ -62,24 +106,27 @@ export async function findOrgLimitOverrides(db: Queryable, orgId: string): Promi
  * Field names come from the fixed COLUMNS map, never from input, so the SQL stays parameterised.
  */
 export async function setOrgLimitOverrides(
-  db: Queryable,
+  db: Database | Queryable,
   orgId: string,
   changes: OrgLimitOverrides,
+  actor: AuditActor = SYSTEM_ACTOR,
 ): Promise<OrgLimitOverrides> {
   const fields = FIELDS.filter((f) => changes[f] !== undefined);
-  if (fields.length > 0) {
+  return changeOverrides(db, orgId, actor, async (tx) => {
+    if (fields.length === 0) return;
     const cols = fields.map((f) => COLUMNS[f]);
     const params = fields.map((f) => changes[f] ?? null);
-    await db.query(
+    await tx.query(
       `INSERT INTO org_limits (org_id, ${cols.join(', ')})
        VALUES ($1, ${cols.map((_, i) => `$${i + 2}`).join(', ')})
        ON CONFLICT (org_id) DO UPDATE SET ${cols.map((c) => `${c} = EXCLUDED.${c}`).join(', ')}`,
       [orgId, ...params],
     );
-  }
-  return findOrgLimitOverrides(db, orgId);
+  });
 }
 
-export async function clearOrgLimitOverrides(db: Queryable, orgId: string): Promise<void> {
-  await db.query('DELETE FROM org_limits WHERE org_id = $1', [orgId]);
+export async function clearOrgLimitOverrides(db: Database, orgId: string, actor: AuditActor = SYSTEM_ACTOR): Promise<void> {
+  await changeOverrides(db, orgId, actor, async (tx) => {
+    await tx.query('DELETE FROM org_limits WHERE org_id = $1', [orgId]);
+  });
 }

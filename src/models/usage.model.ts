@@ -1,8 +1,10 @@
-import type { Queryable } from '../infra/database.js';
+import { queryAsSystem, queryAsTenant } from '../db/tenancy.js';
+import type { Database } from '../infra/database.js';
 
 /**
  * Durable usage toward the hard caps (org_usage). Instances add their admitted requests in
- * batches; the sums are what the limiter rebuilds its counters from when Redis loses them.
+ * batches, many orgs in one statement: cross-tenant batch work, so the system path. Reading one
+ * org's usage is that org's business: the tenant path.
  */
 
 export interface UsageDelta {
@@ -15,7 +17,7 @@ export interface UsageDelta {
 }
 
 /** Adds every delta to its day and month rows, in one statement. */
-export async function addUsage(db: Queryable, deltas: readonly UsageDelta[]): Promise<void> {
+export async function addUsage(db: Database, deltas: readonly UsageDelta[]): Promise<void> {
   if (deltas.length === 0) return;
   const orgIds: string[] = [];
   const periods: string[] = [];
@@ -29,7 +31,8 @@ export async function addUsage(db: Queryable, deltas: readonly UsageDelta[]): Pr
   }
   // Unnest of parallel arrays: one round trip whatever the batch size. GROUP BY merges the rows
   // of one key first (an upsert may not touch the same row twice in one statement).
-  await db.query(
+  await queryAsSystem(
+    db,
     `INSERT INTO org_usage (org_id, period, period_start, requests)
      SELECT org_id, period, period_start, sum(requests)
        FROM unnest($1::uuid[], $2::text[], $3::date[], $4::bigint[]) AS t(org_id, period, period_start, requests)
@@ -41,12 +44,14 @@ export async function addUsage(db: Queryable, deltas: readonly UsageDelta[]): Pr
 }
 
 export async function findUsage(
-  db: Queryable,
+  db: Database,
   orgId: string,
   day: string,
   month: string,
 ): Promise<{ day: number; month: number }> {
-  const { rows } = await db.query<{ period: string; requests: string }>(
+  const { rows } = await queryAsTenant<{ period: string; requests: string }>(
+    db,
+    orgId,
     `SELECT period, requests::text AS requests FROM org_usage
       WHERE org_id = $1 AND ((period = 'day' AND period_start = $2::date) OR (period = 'month' AND period_start = $3::date))`,
     [orgId, day, `${month}-01`],

@@ -1,11 +1,14 @@
 import { AppError, notFound } from '../errors.js';
-import type { Database, Queryable, Transaction } from '../infra/database.js';
-import type { RequestContext, Role } from '../types/context.js';
+import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/tenancy.js';
+import type { Database } from '../infra/database.js';
+import type { RequestContext, RequestMeta, Role } from '../types/context.js';
+import { appendAuditLog, userActor } from './audit.model.js';
 import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
 
 /**
- * Users always live inside an org: every function takes the org id (or the caller's context)
- * and every statement filters on it. Soft-deleted users do not exist for any of them.
+ * Users always live inside an org: every function takes the org id (or the caller's context),
+ * runs as the tenant of that org (src/db/tenancy.ts) and every statement filters on it as well.
+ * Soft-deleted users do not exist for any of them. Every change is audited in its transaction.
  */
 
 export interface User {
@@ -60,15 +63,24 @@ export interface AuthLookup {
   limitOverrides: OrgLimitOverrides;
 }
 
+// User ids are unique only within an org; should two orgs ever hold the same id, the claimed
+// org's user is the one found.
 const AUTH_IDENTITY_SQL = `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL) AS org_exists,
             u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at, ${ORG_LIMITS_SELECT}
        FROM (SELECT 1) AS one
-       LEFT JOIN users u ON u.id = $2 AND u.deleted_at IS NULL
-        AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)
+       LEFT JOIN LATERAL (
+         SELECT ${COLUMNS} FROM users u
+          WHERE u.id = $2 AND u.deleted_at IS NULL
+            AND EXISTS (SELECT 1 FROM orgs uo WHERE uo.id = u.org_id AND uo.deleted_at IS NULL)
+          ORDER BY u.org_id = $1 DESC
+          LIMIT 1
+       ) u ON true
        LEFT JOIN org_limits l ON l.org_id = $1`;
 
-export async function findAuthIdentity(db: Queryable, orgId: string, userId: string): Promise<AuthLookup> {
-  const { rows } = await db.query<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
+/** Cross-tenant by nature (the org is not trusted yet), so it takes the named system path. */
+export async function findAuthIdentity(db: Database, orgId: string, userId: string): Promise<AuthLookup> {
+  const { rows } = await queryAsSystem<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
+    db,
     AUTH_IDENTITY_SQL,
     [orgId, userId],
     'auth_identity',
@@ -85,8 +97,10 @@ export async function findAuthIdentity(db: Queryable, orgId: string, userId: str
 // ---------------------------------------------------------------------------------------------
 // Reads
 
-export async function findUserInOrg(db: Queryable, orgId: string, userId: string): Promise<User | null> {
-  const { rows } = await db.query<UserRow>(
+export async function findUserInOrg(db: Database, orgId: string, userId: string): Promise<User | null> {
+  const { rows } = await queryAsTenant<UserRow>(
+    db,
+    orgId,
     `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL`,
     [orgId, userId],
     'user_in_org',
@@ -105,30 +119,29 @@ export interface UserPage {
  * many users other tenants have).
  */
 export async function listUsersInOrg(
-  db: Queryable,
+  db: Database,
   orgId: string,
   opts: { limit: number; cursor?: string | undefined },
 ): Promise<UserPage> {
-  let afterSeq: string | null = null;
-  if (opts.cursor) {
-    const afterId = decodeCursor(opts.cursor);
-    // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
-    const { rows } = await db.query<{ seq: string }>(
-      'SELECT seq::text AS seq FROM users WHERE org_id = $1 AND id = $2',
-      [orgId, afterId],
-      'users_page_cursor',
-    );
-    if (!rows[0]) throw invalidCursor();
-    afterSeq = rows[0].seq;
-  }
-  const { rows } = await db.query<UserRow>(
+  const afterId = opts.cursor ? decodeCursor(opts.cursor) : null;
+  // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
+  const { rows } = await queryAsTenant<UserRow>(
+    db,
+    orgId,
     `SELECT ${COLUMNS} FROM users
-      WHERE org_id = $1 AND deleted_at IS NULL AND ($2::bigint IS NULL OR seq > $2::bigint)
+      WHERE org_id = $1 AND deleted_at IS NULL
+        AND ($2::uuid IS NULL OR seq > (SELECT a.seq FROM users a WHERE a.org_id = $1 AND a.id = $2::uuid))
       ORDER BY seq
       LIMIT $3`,
-    [orgId, afterSeq, opts.limit + 1],
+    [orgId, afterId, opts.limit + 1],
     'users_page',
   );
+  // An empty page after a cursor: the end of the list, or a cursor that names no user of this
+  // org (seq > NULL matches nothing). Only then is a second look needed.
+  if (afterId && rows.length === 0) {
+    const anchor = await queryAsTenant(db, orgId, 'SELECT 1 FROM users WHERE org_id = $1 AND id = $2', [orgId, afterId]);
+    if (anchor.rowCount === 0) throw invalidCursor();
+  }
   const page = rows.slice(0, opts.limit);
   const last = page[page.length - 1];
   return {
@@ -162,24 +175,27 @@ const canManageUsers = (role: Role) => role === 'owner' || role === 'admin';
 const insufficientRole = (what: string) => new AppError('forbidden', `Your role does not allow you to ${what}`);
 
 /**
- * Serialises user changes within one org (so two concurrent demotions cannot remove both owners)
- * and returns the caller's role as it is now, under the lock: a caller demoted or deleted while
- * the request was on its way acts with what they have now, not what they had at authentication.
+ * Serialises changes within one org (so two concurrent demotions cannot remove both owners, and
+ * the audit chain gets one writer at a time) and returns the caller's role as it is now, under
+ * the lock: a caller demoted or deleted while the request was on its way acts with what they
+ * have now, not what they had at authentication.
  */
-async function lockOrgAsCaller(tx: Transaction, ctx: RequestContext): Promise<Role> {
-  const locked = await tx.query('SELECT 1 FROM orgs WHERE id = $1 AND deleted_at IS NULL FOR UPDATE', [ctx.orgId]);
+async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promise<Role> {
+  await tx.query('SELECT lock_org($1)', [ctx.orgId]);
   // A separate statement on purpose: under READ COMMITTED it takes a new snapshot, so it sees
   // what a transaction that held the lock before us committed.
   const { rows } = await tx.query<{ role: Role }>(
-    'SELECT role FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL',
+    `SELECT u.role FROM users u
+      WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL
+        AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)`,
     [ctx.orgId, ctx.userId],
   );
   const role = rows[0]?.role;
-  if (locked.rowCount !== 1 || !role) throw new AppError('unauthorized', 'Unknown organization or user');
+  if (!role) throw new AppError('unauthorized', 'Unknown organization or user');
   return role;
 }
 
-async function lockUserInOrg(tx: Transaction, orgId: string, userId: string): Promise<User> {
+async function lockUserInOrg(tx: TenantTx, orgId: string, userId: string): Promise<User> {
   const { rows } = await tx.query<UserRow>(
     `SELECT ${COLUMNS} FROM users WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL FOR UPDATE`,
     [orgId, userId],
@@ -188,7 +204,7 @@ async function lockUserInOrg(tx: Transaction, orgId: string, userId: string): Pr
   return toUser(rows[0]);
 }
 
-async function assertAnotherOwner(tx: Transaction, orgId: string, exceptUserId: string): Promise<void> {
+async function assertAnotherOwner(tx: TenantTx, orgId: string, exceptUserId: string): Promise<void> {
   const { rows } = await tx.query<{ n: number }>(
     `SELECT count(*)::int AS n FROM users
       WHERE org_id = $1 AND role = 'owner' AND deleted_at IS NULL AND id <> $2`,
@@ -203,14 +219,17 @@ function isUniqueViolation(err: unknown): boolean {
   return typeof err === 'object' && err !== null && (err as { code?: unknown }).code === '23505';
 }
 
+const userTarget = (id: string) => ({ type: 'user', id });
+
 export async function createUserInOrg(
   db: Database,
   ctx: RequestContext,
   input: { email: string; name?: string | null | undefined; role: Role },
+  request: RequestMeta,
 ): Promise<User> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('create users');
   try {
-    return await db.transaction(async (tx) => {
+    return await withTenant(db, ctx.orgId, async (tx) => {
       const callerRole = await lockOrgAsCaller(tx, ctx);
       if (!canManageUsers(callerRole)) throw insufficientRole('create users');
       if (input.role === 'owner' && callerRole !== 'owner') throw insufficientRole('create owners');
@@ -218,7 +237,15 @@ export async function createUserInOrg(
         `INSERT INTO users (org_id, email, name, role) VALUES ($1, $2, $3, $4) RETURNING ${COLUMNS}`,
         [ctx.orgId, normaliseEmail(input.email), input.name ?? null, input.role],
       );
-      return toUser(rows[0]!);
+      const user = toUser(rows[0]!);
+      await appendAuditLog(tx, ctx.orgId, {
+        action: 'user.created',
+        actor: userActor(ctx),
+        target: userTarget(user.id),
+        request,
+        metadata: { email: user.email, role: user.role },
+      });
+      return user;
     });
   } catch (err) {
     if (isUniqueViolation(err)) {
@@ -228,14 +255,19 @@ export async function createUserInOrg(
   }
 }
 
+/**
+ * One audit row per change: `user.role_changed` when the role changes (with the old and new
+ * role), else `user.updated`; the names of the changed fields are listed, not their values.
+ */
 export async function updateUserInOrg(
   db: Database,
   ctx: RequestContext,
   userId: string,
   patch: { name?: string | null | undefined; role?: Role | undefined },
+  request: RequestMeta,
 ): Promise<User> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('change users');
-  return db.transaction(async (tx) => {
+  return withTenant(db, ctx.orgId, async (tx) => {
     const callerRole = await lockOrgAsCaller(tx, ctx);
     if (!canManageUsers(callerRole)) throw insufficientRole('change users');
     const target = await lockUserInOrg(tx, ctx.orgId, userId);
@@ -253,13 +285,22 @@ export async function updateUserInOrg(
         RETURNING ${COLUMNS}`,
       [ctx.orgId, userId, patch.name !== undefined, patch.name ?? null, patch.role ?? null],
     );
-    return toUser(rows[0]!);
+    const user = toUser(rows[0]!);
+    const changed = [...(user.name !== target.name ? ['name'] : []), ...(user.role !== target.role ? ['role'] : [])];
+    await appendAuditLog(tx, ctx.orgId, {
+      action: user.role !== target.role ? 'user.role_changed' : 'user.updated',
+      actor: userActor(ctx),
+      target: userTarget(user.id),
+      request,
+      metadata: { changed, ...(user.role !== target.role ? { from: target.role, to: user.role } : {}) },
+    });
+    return user;
   });
 }
 
-export async function softDeleteUserInOrg(db: Database, ctx: RequestContext, userId: string): Promise<void> {
+export async function softDeleteUserInOrg(db: Database, ctx: RequestContext, userId: string, request: RequestMeta): Promise<void> {
   if (!canManageUsers(ctx.role)) throw insufficientRole('delete users');
-  await db.transaction(async (tx) => {
+  await withTenant(db, ctx.orgId, async (tx) => {
     const callerRole = await lockOrgAsCaller(tx, ctx);
     if (!canManageUsers(callerRole)) throw insufficientRole('delete users');
     const target = await lockUserInOrg(tx, ctx.orgId, userId);
@@ -271,5 +312,12 @@ export async function softDeleteUserInOrg(db: Database, ctx: RequestContext, use
       ctx.orgId,
       userId,
     ]);
+    await appendAuditLog(tx, ctx.orgId, {
+      action: 'user.deleted',
+      actor: userActor(ctx),
+      target: userTarget(userId),
+      request,
+      metadata: { email: target.email, role: target.role },
+    });
   });
 }

@@ -4,6 +4,7 @@ import { notFound } from '../errors.js';
 import type { Authenticator } from '../auth/index.js';
 import type { Database } from '../infra/database.js';
 import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
+import { requestMetaOf } from '../middleware/requestMeta.js';
 import {
   createUserInOrg,
   findUserInOrg,
@@ -98,7 +99,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database; auth: Pick<Authen
       },
     },
     async (request, reply) => {
-      const user = await createUserInOrg(db, contextOf(request), request.body);
+      const user = await createUserInOrg(db, contextOf(request), request.body, requestMetaOf(request));
       return reply.code(201).send(toUserDto(user));
     },
   );
@@ -116,7 +117,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database; auth: Pick<Authen
       },
     },
     async (request) => {
-      const user = await updateUserInOrg(db, contextOf(request), request.params.id, request.body);
+      const user = await updateUserInOrg(db, contextOf(request), request.params.id, request.body, requestMetaOf(request));
       auth.forgetUser(user.id);
       return toUserDto(user);
     },
@@ -134,7 +135,7 @@ export const userRoutes: FastifyPluginAsyncZod<{ db: Database; auth: Pick<Authen
       },
     },
     async (request, reply) => {
-      await softDeleteUserInOrg(db, contextOf(request), request.params.id);
+      await softDeleteUserInOrg(db, contextOf(request), request.params.id, requestMetaOf(request));
       auth.forgetUser(request.params.id);
       return reply.code(204).send(null);
     },

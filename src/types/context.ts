@@ -13,6 +13,16 @@ export interface RequestContext {
   readonly email: string;
 }
 
+/**
+ * Where a request came from, for the audit log. Built from the request by the route layer and
+ * handed to the models as a plain object: models never see the HTTP request.
+ */
+export interface RequestMeta {
+  readonly requestId: string;
+  readonly ip: string | null;
+  readonly userAgent: string | null;
+}
+
 declare module 'fastify' {
   interface FastifyInstance {
     /** Who callers are (the auth cache); tests use its sync() after changing the database directly. */

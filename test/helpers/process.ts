@@ -22,12 +22,12 @@ export interface ProcessResult {
 export function runTsScript(
   script: string,
   env: Record<string, string>,
-  opts: { timeoutMs?: number } = {},
+  opts: { timeoutMs?: number; args?: readonly string[] } = {},
 ): Promise<ProcessResult> {
   const timeoutMs = opts.timeoutMs ?? 20_000;
   const started = Date.now();
   return new Promise((resolve, reject) => {
-    const child = spawn(process.execPath, ['--import', 'tsx', script], {
+    const child = spawn(process.execPath, ['--import', 'tsx', script, ...(opts.args ?? [])], {
       cwd: REPO_ROOT,
       env: {
         PATH: process.env.PATH ?? '/usr/bin:/bin',
