@@ -27,7 +27,7 @@ import {
   type ResolvedBackends,
   type ServerHandle,
 } from './harness.js';
-import { limitEnv, NEVER_REFUSES } from './limits.js';
+import { BENCH_SERVER_ENV, limitEnv, NEVER_REFUSES } from './limits.js';
 
 // ---------------------------------------------------------------------------------------------
 // Settings
@@ -431,19 +431,9 @@ function footer(results: CaseResult[], _backends: unknown, opts: BenchOptions): 
 const code = await runBenchmark({
   name: 'app',
   title: 'llm-app against bare Fastify',
-  commonEnv: {
-    NODE_ENV: 'development',
-    LOG_LEVEL: 'warn',
-    LOG_FORMAT: 'json',
-    ACCESS_LOG: 'false',
-    SHUTDOWN_TIMEOUT_MS: '5000',
-    // No per-address limit (every request comes from 127.0.0.1) and no load shedding: the cases
-    // measure the org limiter, which is on for every org, far above what a run reaches, except
-    // where an org has its own limits (the refused org and the noisy org A).
-    IP_RATE_LIMIT_PER_MINUTE: '0',
-    LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: '0',
-    ...limitEnv(NEVER_REFUSES),
-  },
+  // The org limiter is on for every org, far above what a run reaches, except where an org has
+  // its own limits (the refused org and the noisy org A).
+  commonEnv: { ...BENCH_SERVER_ENV, ...limitEnv(NEVER_REFUSES) },
   cases,
   referenceId: 'ref',
   envHelp: ENV_HELP,

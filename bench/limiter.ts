@@ -7,7 +7,7 @@ import { SEED } from '../src/db/seed.js';
 import { rateLimitPolicy } from '../src/ratelimit/headers.js';
 import type { OrgLimits } from '../src/ratelimit/types.js';
 import { runBenchmark, type BenchCase, type Measurement, type ServerHandle } from './harness.js';
-import { limitEnv, NEVER_REFUSES, OFF } from './limits.js';
+import { BENCH_SERVER_ENV, limitEnv, NEVER_REFUSES, OFF } from './limits.js';
 
 // The seeded acme-corp admin, unless BENCH_ORG_ID and BENCH_USER_ID name another live user: every
 // admitted request counts toward the org's daily and monthly usage, which a shared development
@@ -86,16 +86,7 @@ const cases: BenchCase[] = [
 const code = await runBenchmark({
   name: 'limiter',
   title: `Rate limiter cost: GET /v1/me as ${WHO}`,
-  commonEnv: {
-    NODE_ENV: 'development',
-    LOG_LEVEL: 'warn',
-    LOG_FORMAT: 'json',
-    ACCESS_LOG: 'false',
-    SHUTDOWN_TIMEOUT_MS: '5000',
-    // Only the org limiter is measured: no per-address limit, no load shedding.
-    IP_RATE_LIMIT_PER_MINUTE: '0',
-    LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: '0',
-  },
+  commonEnv: BENCH_SERVER_ENV,
   cases,
   referenceId: 'a',
   help: ['BENCH_ORG_ID, BENCH_USER_ID          the caller (default: the seeded acme-corp admin)'],

@@ -37,3 +37,17 @@ export function limitEnv(l: OrgLimits): Record<string, string> {
     ORG_MAX_CONCURRENT_REQUESTS: String(l.maxConcurrent),
   };
 }
+
+/**
+ * What every benchmark's server runs with: quiet logs, no access log, and neither the per-address
+ * limit (every request comes from 127.0.0.1) nor load shedding, so the cases measure the org limiter.
+ */
+export const BENCH_SERVER_ENV: Record<string, string> = {
+  NODE_ENV: 'development',
+  LOG_LEVEL: 'warn',
+  LOG_FORMAT: 'json',
+  ACCESS_LOG: 'false',
+  SHUTDOWN_TIMEOUT_MS: '5000',
+  IP_RATE_LIMIT_PER_MINUTE: '0',
+  LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: '0',
+};

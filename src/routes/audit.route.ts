@@ -3,7 +3,7 @@ import { z } from 'zod';
 import type { Database } from '../infra/database.js';
 import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
 import { ACTOR_TYPES, AUDIT_ACTIONS, listAuditLogs, type AuditLogEntry } from '../models/audit.model.js';
-import { AUTH_ERRORS, errors, uuid } from './schemas.js';
+import { AUTH_ERRORS, errors, uuid, pageQuery } from './schemas.js';
 
 const instant = (what: string) =>
   z.iso
@@ -11,13 +11,7 @@ const instant = (what: string) =>
     .transform((s) => new Date(s));
 
 const ListQuery = z.strictObject({
-  limit: z.coerce
-    .number({ message: 'must be a number' })
-    .int('must be an integer')
-    .min(1, 'must be at least 1')
-    .max(100, 'must be at most 100')
-    .default(50),
-  cursor: z.string().min(1).max(512, 'must be at most 512 characters').optional(),
+  ...pageQuery(50),
   action: z.enum(AUDIT_ACTIONS, { message: `must be one of ${AUDIT_ACTIONS.join(', ')}` }).optional(),
   actorType: z.enum(ACTOR_TYPES, { message: `must be one of ${ACTOR_TYPES.join(', ')}` }).optional(),
   actorId: uuid('actorId').optional(),

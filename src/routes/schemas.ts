@@ -25,6 +25,17 @@ export const email = z
 
 export const role = z.enum(ROLES, { message: `must be one of ${ROLES.join(', ')}` });
 
+/** `?limit=&cursor=` of a paginated list: the fields every list route shares. */
+export const pageQuery = (defaultLimit: number) => ({
+  limit: z.coerce
+    .number({ message: 'must be a number' })
+    .int('must be an integer')
+    .min(1, 'must be at least 1')
+    .max(100, 'must be at most 100')
+    .default(defaultLimit),
+  cursor: z.string().min(1).max(512, 'must be at most 512 characters').optional(),
+});
+
 export const UserSchema = z
   .object({
     id: z.string(),

@@ -12,18 +12,12 @@ import {
   softDeleteUserInOrg,
   updateUserInOrg,
 } from '../models/user.model.js';
-import { AUTH_ERRORS, email, errors, personName, role, toUserDto, UserSchema, uuid } from './schemas.js';
+import { AUTH_ERRORS, email, errors, personName, role, toUserDto, UserSchema, uuid, pageQuery } from './schemas.js';
 
 const UserParams = z.strictObject({ id: uuid('id') });
 
 const ListQuery = z.strictObject({
-  limit: z.coerce
-    .number({ message: 'must be a number' })
-    .int('must be an integer')
-    .min(1, 'must be at least 1')
-    .max(100, 'must be at most 100')
-    .default(20),
-  cursor: z.string().min(1).max(512, 'must be at most 512 characters').optional(),
+  ...pageQuery(20),
 });
 
 const CreateUserBody = z.strictObject({
