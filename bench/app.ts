@@ -442,7 +442,7 @@ const code = await runBenchmark({
   async prepare(backends) {
     if (backends.database.kind !== 'postgres') throw new Error('the bench data needs PostgreSQL');
     log(`  creating or checking the bench data in ${redact(backends.database.url)} ...`);
-    const { data, summary } = await ensureBenchData(backends.database.url, {
+    const { data, summary } = await ensureBenchData<Group>(backends.database.url, {
       refused: REFUSED_LIMITS,
       'noisy-a': NOISY_A_LIMITS,
     });

@@ -25,6 +25,8 @@ export const GROUPS = {
   'noisy-b': { orgs: 1, usersPerOrg: 5 },
   t10: { orgs: 10, usersPerOrg: 5 },
   t10k: { orgs: 10_000, usersPerOrg: 5 },
+  /** The caller of the limiter benchmark (npm run bench:limiter). */
+  limiter: { orgs: 1, usersPerOrg: 1 },
 } as const;
 
 export type Group = keyof typeof GROUPS;
@@ -74,17 +76,23 @@ async function createGroup(db: Queryable, group: Group): Promise<void> {
   );
 }
 
-export interface EnsureResult {
-  data: BenchData;
+export interface EnsureResult<G extends Group> {
+  /** The users of the groups asked for. */
+  data: Pick<BenchData, G>;
   /** What was done, for the output. */
   summary: string;
 }
 
 /**
- * Makes sure every group exists, then gives the orgs the limits the cases expect: their own values
- * in `limits` for the named groups, none (the environment's) for every other bench org.
+ * Makes sure every group of `groups` (default: all) exists, then gives their orgs the limits the
+ * cases expect: their own values in `limits` for the named groups, none (the environment's) for
+ * the others.
  */
-export async function ensureBenchData(databaseUrl: string, limits: Partial<Record<Group, OrgLimitOverrides>>): Promise<EnsureResult> {
+export async function ensureBenchData<G extends Group = Group>(
+  databaseUrl: string,
+  limits: Partial<Record<G, OrgLimitOverrides>>,
+  groups: readonly G[] = Object.keys(GROUPS) as G[],
+): Promise<EnsureResult<G>> {
   const started = performance.now();
   // Bounded like every step of the run: a lock held elsewhere fails the setup instead of hanging it.
   const client = new pg.Client({ connectionString: databaseUrl, connectionTimeoutMillis: 10_000, statement_timeout: 60_000 });
@@ -97,9 +105,9 @@ export async function ensureBenchData(databaseUrl: string, limits: Partial<Recor
   };
   try {
     await client.query('BEGIN');
-    const data = {} as BenchData;
+    const data = {} as Pick<BenchData, G>;
     const created: string[] = [];
-    for (const group of Object.keys(GROUPS) as Group[]) {
+    for (const group of groups) {
       let users = await readGroup(db, group);
       if (!complete(group, users)) {
         await createGroup(db, group);
@@ -111,17 +119,17 @@ export async function ensureBenchData(databaseUrl: string, limits: Partial<Recor
       }
       data[group] = users;
     }
-    const orgIds = (Object.keys(GROUPS) as Group[]).flatMap((g) => [...new Set(data[g].map((u) => u.orgId))]);
+    const orgIds = groups.flatMap((g) => [...new Set(data[g].map((u) => u.orgId))]);
     // Whatever an earlier run or a person set goes; then the groups that need their own get them.
     await db.query('DELETE FROM org_limits WHERE org_id = ANY($1::uuid[])', [orgIds]);
-    for (const [group, overrides] of Object.entries(limits) as [Group, OrgLimitOverrides][]) {
+    for (const [group, overrides] of Object.entries(limits) as [G, OrgLimitOverrides][]) {
       for (const orgId of new Set(data[group].map((u) => u.orgId))) {
         await setOrgLimitOverrides(db, orgId, overrides);
       }
     }
     await client.query('COMMIT');
     const orgCount = orgIds.length;
-    const userCount = Object.values(data).reduce((n, users) => n + users.length, 0);
+    const userCount = groups.reduce((n, g) => n + data[g].length, 0);
     const seconds = ((performance.now() - started) / 1000).toFixed(1);
     return {
       data,

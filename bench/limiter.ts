@@ -6,17 +6,25 @@
 import { SEED } from '../src/db/seed.js';
 import { rateLimitPolicy } from '../src/ratelimit/headers.js';
 import type { OrgLimits } from '../src/ratelimit/types.js';
+import { ensureBenchData } from './data.js';
 import { runBenchmark, type BenchCase, type Measurement, type ServerHandle } from './harness.js';
 import { BENCH_SERVER_ENV, limitEnv, NEVER_REFUSES, OFF } from './limits.js';
 
-// The seeded acme-corp admin, unless BENCH_ORG_ID and BENCH_USER_ID name another live user: every
-// admitted request counts toward the org's daily and monthly usage, which a shared development
-// database keeps (see bench/README.md).
+// The caller: BENCH_ORG_ID and BENCH_USER_ID when set; else, on PostgreSQL, the benchmark's own org
+// (bench-limiter-00001, created by the run) and, on the embedded database (a temporary folder
+// nobody keeps), the seeded acme-corp admin. Every admitted request counts toward the caller's
+// org's daily and monthly usage, which PostgreSQL keeps: never spend a real org's quota by default.
 const admin = SEED.users.find((u) => u.email === 'admin@acme.com')!;
-const ORG_ID = process.env.BENCH_ORG_ID || admin.orgId;
-const USER_ID = process.env.BENCH_USER_ID || admin.id;
-const WHO = ORG_ID === admin.orgId && USER_ID === admin.id ? 'the seeded acme-corp admin' : `user ${USER_ID} of org ${ORG_ID}`;
-const HEADERS = { 'x-org-id': ORG_ID, 'x-user-id': USER_ID };
+const CHOSEN = process.env.BENCH_ORG_ID && process.env.BENCH_USER_ID ? { orgId: process.env.BENCH_ORG_ID, userId: process.env.BENCH_USER_ID } : null;
+let caller = CHOSEN ?? { orgId: admin.orgId, userId: admin.id };
+let who = CHOSEN ? `user ${CHOSEN.userId} of org ${CHOSEN.orgId}` : 'the seeded acme-corp admin';
+const HEADERS: Record<string, string> = {};
+function setCaller(c: { orgId: string; userId: string }): void {
+  caller = c;
+  HEADERS['x-org-id'] = c.orgId;
+  HEADERS['x-user-id'] = c.userId;
+}
+setCaller(caller);
 
 /** The same, except the org bucket: one token, refilled every 1000 s. Only the first request passes. */
 const OVER_LIMIT: OrgLimits = { ...NEVER_REFUSES, orgBurst: 1, orgPerSecond: 0.001 };
@@ -32,7 +40,7 @@ function probe(limits: OrgLimits, okStatuses: number[]) {
     const body = await res.text();
     const problems: string[] = [];
     if (!okStatuses.includes(res.status)) {
-      problems.push(`GET /v1/me as ${WHO} answered ${res.status}, expected ${okStatuses.join(' or ')}: ${body.slice(0, 300)}`);
+      problems.push(`GET /v1/me as ${who} answered ${res.status}, expected ${okStatuses.join(' or ')}: ${body.slice(0, 300)}`);
     }
     const expected = rateLimitPolicy(limits);
     const actual = res.headers.get('ratelimit-policy') ?? '';
@@ -85,11 +93,18 @@ const cases: BenchCase[] = [
 
 const code = await runBenchmark({
   name: 'limiter',
-  title: `Rate limiter cost: GET /v1/me as ${WHO}`,
+  title: 'Rate limiter cost: GET /v1/me',
   commonEnv: BENCH_SERVER_ENV,
   cases,
   referenceId: 'a',
-  help: ['BENCH_ORG_ID, BENCH_USER_ID          the caller (default: the seeded acme-corp admin)'],
+  help: ['BENCH_ORG_ID, BENCH_USER_ID          the caller (default: the org bench-limiter-00001, created by the run)'],
+  async prepare(backends) {
+    if (CHOSEN || backends.database.kind !== 'postgres') return [`caller: ${who}`];
+    const { data, summary } = await ensureBenchData(backends.database.url, {}, ['limiter']);
+    setCaller(data.limiter[0]!);
+    who = `the only user of bench-limiter-00001 (${caller.userId})`;
+    return [summary, `caller: ${who}`];
+  },
   // Calls the app makes to Redis per request: the limit script (EVALSHA, or EVAL when Redis does
   // not know it yet) and the release of the concurrency slot (ZREM).
   redisRoundTrips: ['evalsha', 'eval', 'zrem'],
