@@ -9,12 +9,13 @@ import {
   type ZodTypeProvider,
 } from 'fastify-type-provider-zod';
 import { createAuthenticator } from './auth/index.js';
+import { createBearerMethods } from './auth/methods.js';
 import type { Config } from './config/env.js';
 import type { Database } from './infra/database.js';
 import { loggerOptions } from './infra/logger.js';
 import { registerRefusalAudit } from './middleware/auditRefusals.js';
 import { registerErrorHandling, sendError, toAppError } from './middleware/errorHandler.js';
-import { registerFakeAuth, requireContext } from './middleware/fakeAuth.middleware.js';
+import { registerAuthentication, requireContext } from './middleware/authenticate.js';
 import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
 import { auditRoutes } from './routes/audit.route.js';
@@ -105,7 +106,9 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     });
   }
   registerIpLimit(app, limiter, config);
-  registerFakeAuth(app, auth);
+  const bearer = await createBearerMethods({ config, db, auth, log });
+  app.addHook('onClose', () => bearer.close());
+  registerAuthentication(app, auth, config.auth, bearer.methods);
   registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
   registerErrorHandling(app);
 
@@ -116,11 +119,13 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
         title: 'llm-app',
         version: '0.1.0',
         description:
-          'Multi-tenant backend for LLM applications. Tenant routes (/v1) need the x-org-id and x-user-id ' +
-          'headers (development authentication).',
+          'Multi-tenant backend for LLM applications. Tenant routes (/v1) need a credential: ' +
+          '`Authorization: Bearer <token>` with an API key (llmk_...), an access token from /v1/auth/login, or a token ' +
+          'of the configured OpenID Connect provider; or, where enabled (development), the x-org-id and x-user-id headers.',
       },
       components: {
         securitySchemes: {
+          bearer: { type: 'http', scheme: 'bearer', description: 'An API key (llmk_...), an access token, or an OIDC token' },
           orgId: { type: 'apiKey', in: 'header', name: 'x-org-id' },
           userId: { type: 'apiKey', in: 'header', name: 'x-user-id' },
         },
@@ -140,12 +145,16 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
 
   await app.register(
     async (v1) => {
-      v1.addHook('onRequest', requireContext);
-      registerOrgLimit(v1, limiter, config);
-      await v1.register(meRoutes, { db });
-      await v1.register(userRoutes, { db, auth });
-      await v1.register(usageRoutes, { config, limiter });
-      await v1.register(auditRoutes, { db });
+      // Routes that take credentials instead of requiring them (sign-in) go here, outside the
+      // tenant scope below.
+      await v1.register(async (tenant) => {
+        tenant.addHook('onRequest', requireContext);
+        registerOrgLimit(tenant, limiter, config);
+        await tenant.register(meRoutes, { db });
+        await tenant.register(userRoutes, { db, auth });
+        await tenant.register(usageRoutes, { config, limiter });
+        await tenant.register(auditRoutes, { db });
+      });
     },
     { prefix: '/v1' },
   );

@@ -26,7 +26,7 @@ try {
 }
 
 const logger = createLogger(config);
-if (config.env === 'production' && config.fakeAuth.enabled) {
+if (config.env === 'production' && config.auth.methods.includes('fake')) {
   logger.warn('ALLOW_FAKE_AUTH=true: anyone who can reach this server can act as any user of any organization');
 }
 

@@ -1,4 +1,4 @@
-import { mkdtemp, readdir, rm } from 'node:fs/promises';
+import { mkdtemp, readdir, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -31,7 +31,7 @@ describe('loadConfig defaults', () => {
       accessLog: true,
       database: { kind: 'pglite', dataDir: './.data' },
       migrateOnStart: true,
-      fakeAuth: { enabled: true },
+      auth: { methods: ['api_key', 'password', 'fake'], oidc: null },
       trustProxy: false,
       bodyLimitBytes: 1_048_576,
       shutdownTimeoutMs: 10_000,
@@ -138,16 +138,16 @@ describe('loadConfig defaults', () => {
 
   it('picks the log level by environment and pretty logs only in a terminal outside production', () => {
     expect(loadConfig({ NODE_ENV: 'test' }, { isTty: false }).logLevel).toBe('warn');
-    expect(loadConfig({ NODE_ENV: 'production', ALLOW_FAKE_AUTH: 'true' }, { isTty: false }).logLevel).toBe('info');
+    expect(loadConfig({ NODE_ENV: 'production', AUTH_METHODS: 'api_key' }, { isTty: false }).logLevel).toBe('info');
     expect(loadConfig({}, { isTty: true }).logFormat).toBe('pretty');
-    expect(loadConfig({ NODE_ENV: 'production', ALLOW_FAKE_AUTH: 'true' }, { isTty: true }).logFormat).toBe('json');
+    expect(loadConfig({ NODE_ENV: 'production', AUTH_METHODS: 'api_key' }, { isTty: true }).logFormat).toBe('json');
   });
 
   it('returns a frozen config, nested objects included', () => {
     const config = loadConfig({ DATABASE_URL: 'postgres://app@127.0.0.1/llm_app' }, { isTty: false });
     expect(Object.isFrozen(config)).toBe(true);
     expect(Object.isFrozen(config.database)).toBe(true);
-    expect(Object.isFrozen(config.fakeAuth)).toBe(true);
+    expect(Object.isFrozen(config.auth.methods)).toBe(true);
     expect(() => {
       (config as { port: number }).port = 1;
     }).toThrow(TypeError);
@@ -232,9 +232,72 @@ describe('loadConfig refuses bad values', () => {
   });
 });
 
+const STRONG_KEY = 'n3Vq8ZkY2pLr7tWx0cHs5dJf9gAb4eMu1iOy6QRS';
+
+describe('authentication methods', () => {
+  it('default to api_key, password and fake outside production, with oidc once an issuer is named', () => {
+    expect(loadConfig({}, { isTty: false }).auth.methods).toEqual(['api_key', 'password', 'fake']);
+    const withOidc = loadConfig({ OIDC_ISSUER: 'http://127.0.0.1:9/', OIDC_AUDIENCE: 'llm-app' }, { isTty: false });
+    expect(withOidc.auth.methods).toEqual(['api_key', 'password', 'oidc', 'fake']);
+    expect(withOidc.auth.oidc).toMatchObject({ issuer: 'http://127.0.0.1:9/', audience: 'llm-app', orgClaim: 'org_id', emailClaim: 'email' });
+  });
+
+  it('default to api_key and password in production, which then needs JWT_SIGNING_KEY', () => {
+    const config = loadConfig({ NODE_ENV: 'production', JWT_SIGNING_KEY: STRONG_KEY }, { isTty: false });
+    expect(config.auth.methods).toEqual(['api_key', 'password']);
+    expect(config.auth.jwt).toMatchObject({ signingKey: STRONG_KEY, issuer: 'llm-app', audience: 'llm-app', accessTokenTtlSeconds: 900 });
+    const err = configError({ NODE_ENV: 'production' });
+    expect(namedVariables(err)).toEqual(['JWT_SIGNING_KEY']);
+  });
+
+  it('are taken from AUTH_METHODS, and an unknown or empty list is refused', () => {
+    expect(loadConfig({ AUTH_METHODS: 'fake, api_key' }, { isTty: false }).auth.methods).toEqual(['api_key', 'fake']);
+    expect(loadConfig({ AUTH_METHODS: 'api_key' }, { isTty: false }).auth).toEqual({ methods: ['api_key'], jwt: null, oidc: null });
+    expect(namedVariables(configError({ AUTH_METHODS: 'api_key,magic' }))).toEqual(['AUTH_METHODS']);
+    expect(configError({ AUTH_METHODS: 'api_key,magic' }).message).toContain('magic');
+    expect(namedVariables(configError({ AUTH_METHODS: ' , ' }))).toEqual(['AUTH_METHODS']);
+  });
+
+  it('refuse a short or weak signing key everywhere, and leave it null outside production when unset', () => {
+    expect(loadConfig({}, { isTty: false }).auth.jwt?.signingKey).toBeNull();
+    for (const weak of ['xK9#q', 'changeme-changeme-changeme-changeme', 'a'.repeat(64), 'abababababababababababababababababab']) {
+      const err = configError({ JWT_SIGNING_KEY: weak });
+      expect(namedVariables(err)).toEqual(['JWT_SIGNING_KEY']);
+      expect(err.message).not.toContain(weak);
+    }
+  });
+
+  it('read the key from JWT_SIGNING_KEY_FILE, naming that variable when it cannot', async () => {
+    const dir = await mkdtemp(path.join(os.tmpdir(), 'llm-app-key-'));
+    try {
+      const file = path.join(dir, 'key');
+      await writeFile(file, `${STRONG_KEY}\n`);
+      expect(loadConfig({ NODE_ENV: 'production', JWT_SIGNING_KEY_FILE: file }, { isTty: false }).auth.jwt?.signingKey).toBe(STRONG_KEY);
+      expect(namedVariables(configError({ NODE_ENV: 'production', JWT_SIGNING_KEY_FILE: path.join(dir, 'missing') }))).toEqual([
+        'JWT_SIGNING_KEY_FILE',
+      ]);
+      expect(namedVariables(configError({ JWT_SIGNING_KEY_FILE: file, JWT_SIGNING_KEY: STRONG_KEY }))).toEqual(['JWT_SIGNING_KEY_FILE']);
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('refuse oidc without issuer and audience, with a symmetric algorithm, or over http in production', () => {
+    expect([...namedVariables(configError({ AUTH_METHODS: 'oidc' }))].sort()).toEqual(['OIDC_AUDIENCE', 'OIDC_ISSUER']);
+    const base = { AUTH_METHODS: 'oidc', OIDC_ISSUER: 'https://id.example.com/', OIDC_AUDIENCE: 'api' };
+    expect(namedVariables(configError({ ...base, OIDC_ALGORITHMS: 'RS256,HS256' }))).toEqual(['OIDC_ALGORITHMS']);
+    expect(namedVariables(configError({ ...base, OIDC_ALGORITHMS: 'none' }))).toEqual(['OIDC_ALGORITHMS']);
+    expect(namedVariables(configError({ ...base, NODE_ENV: 'production', OIDC_ISSUER: 'http://id.example.com/' }))).toEqual(['OIDC_ISSUER']);
+    expect(loadConfig({ ...base, NODE_ENV: 'production' }, { isTty: false }).auth.methods).toEqual(['oidc']);
+  });
+});
+
 describe('fake authentication in production', () => {
   it('is refused without ALLOW_FAKE_AUTH=true, naming ALLOW_FAKE_AUTH', () => {
-    const envs: Record<string, string>[] = [{ NODE_ENV: 'production' }, { NODE_ENV: 'production', ALLOW_FAKE_AUTH: 'false' }];
+    const envs: Record<string, string>[] = [
+      { NODE_ENV: 'production', AUTH_METHODS: 'fake' },
+      { NODE_ENV: 'production', AUTH_METHODS: 'api_key,fake', ALLOW_FAKE_AUTH: 'false' },
+    ];
     for (const env of envs) {
       const err = configError(env);
       expect(namedVariables(err)).toEqual(['ALLOW_FAKE_AUTH']);
@@ -244,23 +307,25 @@ describe('fake authentication in production', () => {
   });
 
   it('is named together with other bad variables', () => {
-    const err = configError({ NODE_ENV: 'production', PORT: 'abc' });
-    expect([...namedVariables(err)].sort()).toEqual(['ALLOW_FAKE_AUTH', 'PORT']);
+    const err = configError({ NODE_ENV: 'production', AUTH_METHODS: 'fake,password', PORT: 'abc' });
+    expect([...namedVariables(err)].sort()).toEqual(['ALLOW_FAKE_AUTH', 'JWT_SIGNING_KEY', 'PORT']);
   });
 
-  it('is accepted with ALLOW_FAKE_AUTH=true', () => {
-    const config: Config = loadConfig({ NODE_ENV: 'production', ALLOW_FAKE_AUTH: 'true' }, { isTty: false });
+  it('is accepted with ALLOW_FAKE_AUTH=true, which also puts it among the default methods', () => {
+    const config: Config = loadConfig({ NODE_ENV: 'production', AUTH_METHODS: 'fake', ALLOW_FAKE_AUTH: 'true' }, { isTty: false });
     expect(config.env).toBe('production');
-    expect(config.fakeAuth.enabled).toBe(true);
+    expect(config.auth.methods).toEqual(['fake']);
+    const byDefault = loadConfig({ NODE_ENV: 'production', ALLOW_FAKE_AUTH: 'true', JWT_SIGNING_KEY: STRONG_KEY }, { isTty: false });
+    expect(byDefault.auth.methods).toEqual(['api_key', 'password', 'fake']);
   });
 
   it('is not a concern of the CLIs (forServer: false)', () => {
-    const config = loadConfig({ NODE_ENV: 'production' }, { isTty: false, forServer: false });
+    const config = loadConfig({ NODE_ENV: 'production', AUTH_METHODS: 'fake' }, { isTty: false, forServer: false });
     expect(config.env).toBe('production');
   });
 
   it('only applies to production', () => {
-    for (const NODE_ENV of ['development', 'test']) expect(loadConfig({ NODE_ENV }, { isTty: false }).env).toBe(NODE_ENV);
+    for (const NODE_ENV of ['development', 'test']) expect(loadConfig({ NODE_ENV, AUTH_METHODS: 'fake' }, { isTty: false }).env).toBe(NODE_ENV);
   });
 });
 
@@ -287,12 +352,12 @@ describe('the server process with a bad configuration', () => {
     expect(await readdir(dataDir)).toEqual([]);
   });
 
-  it('exits 1 in production without ALLOW_FAKE_AUTH, naming it', async () => {
+  it('exits 1 in production without a signing key, naming it', async () => {
     const res = await runTsScript('src/server.ts', { ...safety(), PORT: '0', NODE_ENV: 'production' }, { timeoutMs: 15_000 });
     expect(res.timedOut).toBe(false);
     expect(res.code).toBe(1);
     expect(res.durationMs).toBeLessThan(10_000);
-    expect(res.stderr).toContain('ALLOW_FAKE_AUTH');
+    expect(res.stderr).toContain('JWT_SIGNING_KEY');
     expect(res.stderr).not.toMatch(/\n\s+at /);
     expect(res.stdout).not.toMatch(/listening/i);
     expect(await readdir(dataDir)).toEqual([]);

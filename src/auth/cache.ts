@@ -26,31 +26,65 @@ export interface AuthCacheOptions {
   negativeMaxEntries: number;
 }
 
-export type AuthLoader = (orgId: string, userId: string) => Promise<AuthLookup>;
+/**
+ * Loads the answer for a key: an org (the one the caller claims, or '' when the credential names
+ * no org, as an API key does) and an id within it (a user id, a session id, a key's hash...).
+ */
+export type AuthLoader<V = AuthLookup> = (orgId: string, id: string) => Promise<V>;
 
-/** What the invalidation channel carries. */
+/**
+ * What a cache needs to know about its answers. Every id is a "subject": a user, an API key, a
+ * session... (UUIDs, unique across tables), invalidated by `{ kind: 'user', id }`.
+ */
+export interface CachePolicy<V> {
+  /**
+   * 'positive': kept in the main LRU; 'negative': in the small one; 'unknown_org': one negative
+   * entry for the whole org, whatever the id (every id of an unknown org gets the same answer).
+   */
+  classify(value: V, orgId: string): 'positive' | 'negative' | 'unknown_org';
+  /** Subjects and orgs besides the key's own whose invalidation makes this answer stale. */
+  dependsOn(value: V): { subject?: string | undefined; org?: string | undefined };
+  /** The answer an 'unknown_org' entry gives. */
+  readonly unknownOrg: V;
+  /** Called once on every answer before it is stored: freeze what callers must not change. */
+  freeze?(value: V): void;
+}
+
+/** The caller lookup by (org, user id) of the header and session methods. */
+export const USER_LOOKUP_POLICY: CachePolicy<AuthLookup> = {
+  classify: (v, orgId) => (v.user && v.user.orgId === orgId ? 'positive' : v.orgExists ? 'negative' : 'unknown_org'),
+  // A user of another org is refused (403) only while that org is live too.
+  dependsOn: (v) => ({ subject: v.user?.id, org: v.user?.orgId }),
+  unknownOrg: Object.freeze({ orgExists: false, user: null, limitOverrides: Object.freeze({}) }),
+  freeze: (v) => Object.freeze(v.limitOverrides),
+};
+
+/** What the invalidation channel carries. `user` is any subject: a user, an API key, a session. */
 export type Invalidation = { kind: 'user'; id: string } | { kind: 'org'; id: string } | { kind: 'all' };
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/;
 
-/** `u:<user id>`, `o:<org id>` or `*`, as the database triggers send them; null for anything else. */
+/**
+ * `u:<user id>`, `k:<api key id>`, `s:<session id>`, `o:<org id>` or `*`, as the database triggers
+ * send them; null for anything else.
+ */
 export function parseInvalidation(payload: string): Invalidation | null {
   if (payload === '*') return { kind: 'all' };
   const id = payload.slice(2);
-  if (!UUID.test(id)) return null;
-  if (payload.startsWith('u:')) return { kind: 'user', id };
-  if (payload.startsWith('o:')) return { kind: 'org', id };
-  return null;
+  if (!UUID.test(id) || payload[1] !== ':') return null;
+  const kind = payload.charAt(0);
+  if (kind === 'o') return { kind: 'org', id };
+  return kind === 'u' || kind === 'k' || kind === 's' ? { kind: 'user', id } : null;
 }
 
-interface Entry {
-  value: AuthLookup;
+interface Entry<V> {
+  value: V;
   /** The epoch when its query started. */
   epoch: number;
 }
 
-interface Flight {
-  promise: Promise<AuthLookup>;
+interface Flight<V> {
+  promise: Promise<V>;
   epoch: number;
   startedAt: number;
 }
@@ -73,20 +107,25 @@ export interface AuthCacheStats {
 /** Epoch and time of the last invalidation of each id, oldest first. */
 type InvalidationLog = Map<string, { epoch: number; at: number }>;
 
-export class AuthCache {
-  private readonly positive: LRUCache<string, Entry> | null;
-  private readonly negative: LRUCache<string, Entry> | null;
-  private readonly inflight = new Map<string, Flight>();
+export class AuthCache<V = AuthLookup> {
+  private readonly positive: LRUCache<string, Entry<V>> | null;
+  private readonly negative: LRUCache<string, Entry<V>> | null;
+  private readonly inflight = new Map<string, Flight<V>>();
   private epoch = 0;
   private allInvalidatedAt = 0;
   private readonly users: InvalidationLog = new Map();
   private readonly orgs: InvalidationLog = new Map();
   private readonly counts = { hits: 0, negativeHits: 0, misses: 0, coalesced: 0, loads: 0, invalidations: 0 };
 
+  private readonly policy: CachePolicy<V>;
+
   constructor(
-    private readonly load: AuthLoader,
+    private readonly load: AuthLoader<V>,
     private readonly opts: AuthCacheOptions,
+    policy?: CachePolicy<V>,
   ) {
+    // Without a policy the values are AuthLookups (the default type argument).
+    this.policy = policy ?? (USER_LOOKUP_POLICY as unknown as CachePolicy<V>);
     if (opts.ttlMs > 0) {
       this.positive = new LRUCache({ max: opts.maxEntries, ttl: opts.ttlMs });
       this.negative = new LRUCache({ max: opts.negativeMaxEntries, ttl: opts.ttlMs });
@@ -97,7 +136,7 @@ export class AuthCache {
   }
 
   /** The cached answer, or undefined when it must be looked up (then call `lookup`). */
-  peek(orgId: string, userId: string): AuthLookup | undefined {
+  peek(orgId: string, userId: string): V | undefined {
     if (!this.positive || !this.negative) return undefined;
     const key = `${orgId}:${userId}`;
     const hit = this.positive.get(key);
@@ -121,7 +160,7 @@ export class AuthCache {
   }
 
   /** The answer from the cache, or from one database query shared by concurrent callers. */
-  async lookup(orgId: string, userId: string): Promise<AuthLookup> {
+  async lookup(orgId: string, userId: string): Promise<V> {
     const cached = this.peek(orgId, userId);
     if (cached) return cached;
     this.counts.misses++;
@@ -193,27 +232,33 @@ export class AuthCache {
     return last;
   }
 
-  private isStale(entry: Entry, orgId: string, userId: string): boolean {
-    // A user of another org is refused (403) only while that org is live too.
-    const userOrg = entry.value.user?.orgId;
-    return entry.epoch < this.lastInvalidation(orgId, userId, userOrg !== orgId ? userOrg : undefined);
+  private isStale(entry: Entry<V>, orgId: string, userId: string): boolean {
+    const { subject, org } = this.policy.dependsOn(entry.value);
+    let last = this.lastInvalidation(orgId, userId, org !== orgId ? org : undefined);
+    if (subject !== undefined && subject !== userId && this.users.size > 0) {
+      last = Math.max(last, this.users.get(subject)?.epoch ?? 0);
+    }
+    return entry.epoch < last;
   }
 
-  private store(key: string, orgId: string, userId: string, entry: Entry, startedAt: number): void {
+  private store(key: string, orgId: string, userId: string, entry: Entry<V>, startedAt: number): void {
     if (!this.positive || !this.negative) return;
     if (this.isStale(entry, orgId, userId)) return;
     const ttl = Math.floor(this.opts.ttlMs - (performance.now() - startedAt));
     if (ttl <= 0) return;
-    const { value } = entry;
-    Object.freeze(value.limitOverrides);
-    if (value.user && value.user.orgId === orgId) {
-      this.positive.set(key, entry, { ttl });
-      this.negative.delete(key);
-    } else if (!value.orgExists) {
-      // Whoever the user is, an unknown org answers 401: one entry serves every user id in it.
-      this.negative.set(orgKey(orgId), { value: { orgExists: false, user: null, limitOverrides: {} }, epoch: entry.epoch }, { ttl });
-    } else {
-      this.negative.set(key, entry, { ttl });
+    this.policy.freeze?.(entry.value);
+    switch (this.policy.classify(entry.value, orgId)) {
+      case 'positive':
+        this.positive.set(key, entry, { ttl });
+        this.negative.delete(key);
+        break;
+      case 'unknown_org':
+        // Whatever the id, an unknown org answers 401: one entry serves every id in it.
+        this.negative.set(orgKey(orgId), { value: this.policy.unknownOrg, epoch: entry.epoch }, { ttl });
+        break;
+      case 'negative':
+        this.negative.set(key, entry, { ttl });
+        break;
     }
   }
 }

@@ -7,9 +7,9 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { AuthCacheConfig } from '../config/env.js';
 import type { Database, Subscription } from '../infra/database.js';
 import { findAuthIdentity, type AuthLookup } from '../models/user.model.js';
-import { AuthCache, parseInvalidation, type AuthCacheStats } from './cache.js';
+import { AuthCache, parseInvalidation, type AuthCacheStats, type AuthLoader, type CachePolicy, type Invalidation } from './cache.js';
 
-export type { AuthCacheStats } from './cache.js';
+export type { AuthCacheStats, CachePolicy } from './cache.js';
 export type { AuthLookup } from '../models/user.model.js';
 
 /** The channel the triggers of migration 003 notify on. */
@@ -21,7 +21,12 @@ export interface Authenticator {
   /** The cached answer, or undefined: then call `lookup`. Synchronous, for the common case. */
   peek(orgId: string, userId: string): AuthLookup | undefined;
   lookup(orgId: string, userId: string): Promise<AuthLookup>;
-  /** After this instance changed a user or an org: forget it now, without waiting for the channel. */
+  /**
+   * Another cache of credentials (API keys, sessions...) with the same TTL, bounds and
+   * invalidations as the caller cache: a message for a subject or an org reaches every cache.
+   */
+  createCache<V>(load: AuthLoader<V>, policy: CachePolicy<V>): AuthCache<V>;
+  /** After this instance changed a subject (user, API key, session) or an org: forget it now, without waiting for the channel. */
   forgetUser(userId: string): void;
   forgetOrg(orgId: string): void;
   /**
@@ -39,6 +44,10 @@ export interface Authenticator {
 
 export function createAuthenticator(config: AuthCacheConfig, db: Database, logger: FastifyBaseLogger): Authenticator {
   const cache = new AuthCache((orgId, userId) => findAuthIdentity(db, orgId, userId), config);
+  const caches: AuthCache<unknown>[] = [cache as AuthCache<unknown>];
+  const invalidate = (what: Invalidation) => {
+    for (const c of caches) c.invalidate(what);
+  };
   const syncWaiters = new Map<string, () => void>();
   const readyWaiters = new Set<() => void>();
   let lost = false;
@@ -51,12 +60,12 @@ export function createAuthenticator(config: AuthCacheConfig, db: Database, logge
         return;
       }
       const what = parseInvalidation(payload);
-      if (what) cache.invalidate(what);
+      if (what) invalidate(what);
       else logger.warn({ payload: payload.slice(0, 100) }, 'Ignored an unknown message on the auth invalidation channel');
     },
     onConnected() {
       // Whatever changed while nobody was listening is unknown: start again from the database.
-      cache.invalidate({ kind: 'all' });
+      invalidate({ kind: 'all' });
       if (lost) logger.info('Auth cache invalidation channel restored');
       lost = false;
       for (const resolve of readyWaiters) resolve();
@@ -74,8 +83,13 @@ export function createAuthenticator(config: AuthCacheConfig, db: Database, logge
   return {
     peek: (orgId, userId) => cache.peek(orgId, userId),
     lookup: (orgId, userId) => cache.lookup(orgId, userId),
-    forgetUser: (id) => cache.invalidate({ kind: 'user', id }),
-    forgetOrg: (id) => cache.invalidate({ kind: 'org', id }),
+    createCache<V>(load: AuthLoader<V>, policy: CachePolicy<V>) {
+      const created = new AuthCache<V>(load, config, policy);
+      caches.push(created as AuthCache<unknown>);
+      return created;
+    },
+    forgetUser: (id) => invalidate({ kind: 'user', id }),
+    forgetOrg: (id) => invalidate({ kind: 'org', id }),
     async sync() {
       if (config.ttlMs === 0) return true;
       const nonce = randomUUID();
@@ -96,7 +110,7 @@ export function createAuthenticator(config: AuthCacheConfig, db: Database, logge
     get invalidationConnected() {
       return subscription.connected;
     },
-    stats: () => cache.stats(),
+    stats: () => sumStats(caches.map((c) => c.stats())),
     async ready(timeoutMs) {
       if (subscription.connected) return true;
       let done: () => void = () => undefined;
@@ -115,4 +129,12 @@ export function createAuthenticator(config: AuthCacheConfig, db: Database, logge
     },
     close: () => subscription.close(),
   };
+}
+
+function sumStats(all: AuthCacheStats[]): AuthCacheStats {
+  const total: AuthCacheStats = { hits: 0, negativeHits: 0, misses: 0, coalesced: 0, loads: 0, invalidations: 0, size: 0, negativeSize: 0 };
+  for (const s of all) for (const k of Object.keys(total) as (keyof AuthCacheStats)[]) total[k] += s[k];
+  // Every cache gets every invalidation: count them once.
+  total.invalidations = all[0]?.invalidations ?? 0;
+  return total;
 }

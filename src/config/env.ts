@@ -1,5 +1,7 @@
+import { readFileSync } from 'node:fs';
 import { z } from 'zod';
 import type { OrgLimits } from '../ratelimit/types.js';
+import { AUTH_METHODS, type AuthMethod } from '../types/authMethods.js';
 
 /**
  * The only place that reads process.env. Every variable is declared here with its default;
@@ -82,7 +84,21 @@ const schema = z.object({
     DATABASE_STATEMENT_TIMEOUT_MS: int(5_000, 0, 3_600_000),
     MIGRATE_ON_START: bool(true),
 
+    AUTH_METHODS: z.string().optional(),
     ALLOW_FAKE_AUTH: bool(false),
+    JWT_SIGNING_KEY: z.string().optional(),
+    JWT_SIGNING_KEY_FILE: z.string().trim().min(1, 'must not be empty').optional(),
+    JWT_ISSUER: z.string().trim().min(1, 'must not be empty').default('llm-app'),
+    JWT_AUDIENCE: z.string().trim().min(1, 'must not be empty').default('llm-app'),
+    ACCESS_TOKEN_TTL_SECONDS: int(900, 30, 86_400),
+    REFRESH_TOKEN_TTL_SECONDS: int(30 * 86_400, 60, 365 * 86_400),
+    OIDC_ISSUER: urlOf(['https', 'http']),
+    OIDC_AUDIENCE: z.string().trim().min(1, 'must not be empty').optional(),
+    OIDC_ORG_CLAIM: z.string().trim().min(1, 'must not be empty').default('org_id'),
+    OIDC_EMAIL_CLAIM: z.string().trim().min(1, 'must not be empty').default('email'),
+    OIDC_ALGORITHMS: z.string().default('RS256,PS256,ES256,EdDSA'),
+    OIDC_TOKEN_TYPES: z.string().default('JWT,at+jwt'),
+    OIDC_CLOCK_TOLERANCE_SECONDS: int(30, 0, 300),
     AUTH_CACHE_TTL_MS: int(30_000, 0, 600_000),
     AUTH_CACHE_MAX_ENTRIES: int(100_000, 1, 10_000_000),
     AUTH_CACHE_NEGATIVE_MAX_ENTRIES: int(10_000, 1, 10_000_000),
@@ -124,7 +140,7 @@ export interface Config {
   readonly accessLog: boolean;
   readonly database: DatabaseConfig;
   readonly migrateOnStart: boolean;
-  readonly fakeAuth: { readonly enabled: boolean };
+  readonly auth: AuthConfig;
   readonly authCache: AuthCacheConfig;
   readonly trustProxy: boolean;
   readonly bodyLimitBytes: number;
@@ -148,6 +164,41 @@ export interface RateLimitConfig {
   readonly memoryMaxKeys: number;
   readonly slotTtlMs: number;
   readonly usageFlushIntervalMs: number;
+}
+
+export interface AuthConfig {
+  /** The enabled methods (AUTH_METHODS), in a fixed order. */
+  readonly methods: readonly AuthMethod[];
+  /** Our own access tokens (the password method's sessions); null when that method is off. */
+  readonly jwt: JwtConfig | null;
+  /** Tokens of an external OpenID Connect provider; null when that method is off. */
+  readonly oidc: OidcConfig | null;
+}
+
+export interface JwtConfig {
+  /**
+   * HS256 key. Never logged. Null when none is configured (allowed outside production only): the
+   * server then makes a random one at start, so sessions end when it stops and are not shared
+   * between instances.
+   */
+  readonly signingKey: string | null;
+  readonly issuer: string;
+  readonly audience: string;
+  readonly accessTokenTtlSeconds: number;
+  readonly refreshTokenTtlSeconds: number;
+}
+
+export interface OidcConfig {
+  readonly issuer: string;
+  readonly audience: string;
+  /** Claim naming the org: its slug or its id. */
+  readonly orgClaim: string;
+  readonly emailClaim: string;
+  /** Asymmetric algorithms only: a symmetric key would be shared with the provider. */
+  readonly algorithms: readonly string[];
+  /** Accepted `typ` header values (compared case-insensitively, without "application/"). */
+  readonly tokenTypes: readonly string[];
+  readonly clockToleranceSeconds: number;
 }
 
 export interface AuthCacheConfig {
@@ -212,14 +263,8 @@ export function loadConfig(
   const problems = result.success
     ? []
     : result.error.issues.map((i) => `${i.path.join('.') || '(root)'}: ${i.message}`);
-  // Checked on the raw input, so it is reported together with any other bad variable.
-  // The header stand-in lets anyone act as anyone: it must never ship by accident.
-  if ((opts.forServer ?? true) && input.NODE_ENV === 'production' && !['true', '1'].includes(input.ALLOW_FAKE_AUTH ?? '')) {
-    problems.push(
-      'ALLOW_FAKE_AUTH: fake header authentication (x-org-id / x-user-id) is the only authentication method and is ' +
-        'refused when NODE_ENV=production; set ALLOW_FAKE_AUTH=true to run it anyway (anyone can act as any user)',
-    );
-  }
+  const isProduction = input.NODE_ENV === 'production';
+  const auth = parseAuth(input, isProduction, opts.forServer ?? true, problems);
   if (input.DATABASE_LISTEN_URL !== undefined && input.DATABASE_URL === undefined) {
     problems.push('DATABASE_LISTEN_URL: only used with DATABASE_URL (the embedded database needs no listener connection)');
   }
@@ -245,7 +290,7 @@ export function loadConfig(
         }
       : { kind: 'pglite', dataDir: c.DATA_DIR },
     migrateOnStart: c.MIGRATE_ON_START,
-    fakeAuth: { enabled: true },
+    auth: auth!,
     authCache: {
       ttlMs: c.AUTH_CACHE_TTL_MS,
       maxEntries: c.AUTH_CACHE_MAX_ENTRIES,
@@ -274,6 +319,107 @@ export function loadConfig(
     loadShedMaxEventLoopDelayMs: c.LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS,
     auditRefusalsPerMinute: c.AUDIT_REFUSALS_PER_MINUTE,
   } satisfies Config);
+}
+
+const OIDC_ASYMMETRIC = new Set(['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'ES512', 'EdDSA', 'Ed25519']);
+/** Keys that are examples, placeholders or patterns, whatever their length. */
+const WEAK_KEYS = /^(.)\1*$|^((change[-_ ]?me|changeit|secret|password|example|test|dev|development|default|jwt|key|signing|llm-app)[-_. 0-9]*)+$/i;
+export const MIN_SIGNING_KEY_BYTES = 32;
+
+const list = (v: string | undefined) =>
+  (v ?? '')
+    .split(',')
+    .map((x) => x.trim())
+    .filter((x) => x !== '');
+
+/**
+ * AUTH_METHODS and what each method needs. Problems are pushed, naming the variable; the result is
+ * only used when there are none.
+ */
+function parseAuth(input: Record<string, string | undefined>, isProduction: boolean, forServer: boolean, problems: string[]): AuthConfig | null {
+  const before = problems.length;
+  let methods: AuthMethod[];
+  if (input.AUTH_METHODS === undefined) {
+    // Everything that needs no outside configuration, plus OIDC once an issuer is named; the
+    // header stand-in outside production, or in production with ALLOW_FAKE_AUTH=true.
+    const fake = !isProduction || ['true', '1'].includes(input.ALLOW_FAKE_AUTH ?? '');
+    methods = ['api_key', 'password', ...(input.OIDC_ISSUER ? (['oidc'] as const) : []), ...(fake ? (['fake'] as const) : [])];
+  } else {
+    const named = list(input.AUTH_METHODS);
+    const unknown = named.filter((m) => !(AUTH_METHODS as readonly string[]).includes(m));
+    if (unknown.length > 0) problems.push(`AUTH_METHODS: unknown method(s) ${unknown.join(', ')}; use ${AUTH_METHODS.join(', ')}`);
+    else if (named.length === 0) problems.push(`AUTH_METHODS: must name at least one of ${AUTH_METHODS.join(', ')}`);
+    methods = AUTH_METHODS.filter((m) => named.includes(m));
+  }
+  const on = (m: AuthMethod) => methods.includes(m);
+
+  // The header stand-in lets anyone act as anyone: it must never ship by accident.
+  if (forServer && isProduction && on('fake') && !['true', '1'].includes(input.ALLOW_FAKE_AUTH ?? '')) {
+    problems.push(
+      'ALLOW_FAKE_AUTH: AUTH_METHODS includes fake (x-org-id / x-user-id header authentication), which is refused when ' +
+        'NODE_ENV=production; remove it from AUTH_METHODS, or set ALLOW_FAKE_AUTH=true to run it anyway (anyone can act as any user)',
+    );
+  }
+
+  let jwt: JwtConfig | null = null;
+  if (on('password')) {
+    let key = input.JWT_SIGNING_KEY;
+    if (key !== undefined && input.JWT_SIGNING_KEY_FILE !== undefined) {
+      problems.push('JWT_SIGNING_KEY_FILE: set either JWT_SIGNING_KEY or JWT_SIGNING_KEY_FILE, not both');
+    } else if (input.JWT_SIGNING_KEY_FILE !== undefined) {
+      try {
+        key = readFileSync(input.JWT_SIGNING_KEY_FILE, 'utf8').trim();
+      } catch (err) {
+        problems.push(`JWT_SIGNING_KEY_FILE: cannot be read (${(err as NodeJS.ErrnoException).code ?? 'error'})`);
+      }
+    }
+    const keyVar = input.JWT_SIGNING_KEY_FILE !== undefined ? 'JWT_SIGNING_KEY_FILE' : 'JWT_SIGNING_KEY';
+    if (key === undefined || key === '') {
+      if (isProduction && forServer && input.JWT_SIGNING_KEY_FILE === undefined) {
+        problems.push(
+          `JWT_SIGNING_KEY: required when NODE_ENV=production and AUTH_METHODS includes password (at least ${MIN_SIGNING_KEY_BYTES} random bytes, e.g. \`openssl rand -base64 48\`), or set JWT_SIGNING_KEY_FILE`,
+        );
+      } else if (input.JWT_SIGNING_KEY_FILE !== undefined) {
+        if (problems.every((p) => !p.startsWith('JWT_SIGNING_KEY_FILE'))) problems.push('JWT_SIGNING_KEY_FILE: the file is empty');
+      }
+      key = undefined;
+    } else if (Buffer.byteLength(key, 'utf8') < MIN_SIGNING_KEY_BYTES) {
+      problems.push(`${keyVar}: too short, at least ${MIN_SIGNING_KEY_BYTES} bytes (e.g. \`openssl rand -base64 48\`)`);
+    } else if (WEAK_KEYS.test(key) || new Set(key).size < 8) {
+      problems.push(`${keyVar}: too weak (a placeholder or a repeated pattern); use random bytes, e.g. \`openssl rand -base64 48\``);
+    }
+    jwt = {
+      signingKey: key ?? null,
+      issuer: input.JWT_ISSUER?.trim() ?? 'llm-app',
+      audience: input.JWT_AUDIENCE?.trim() ?? 'llm-app',
+      accessTokenTtlSeconds: Number(input.ACCESS_TOKEN_TTL_SECONDS ?? 900),
+      refreshTokenTtlSeconds: Number(input.REFRESH_TOKEN_TTL_SECONDS ?? 30 * 86_400),
+    };
+  }
+
+  let oidc: OidcConfig | null = null;
+  if (on('oidc')) {
+    if (input.OIDC_ISSUER === undefined) problems.push('OIDC_ISSUER: required when AUTH_METHODS includes oidc');
+    else if (isProduction && !input.OIDC_ISSUER.startsWith('https://')) problems.push('OIDC_ISSUER: must be an https:// URL when NODE_ENV=production');
+    if (input.OIDC_AUDIENCE === undefined) problems.push('OIDC_AUDIENCE: required when AUTH_METHODS includes oidc');
+    const algorithms = list(input.OIDC_ALGORITHMS ?? 'RS256,PS256,ES256,EdDSA');
+    const refused = algorithms.filter((a) => !OIDC_ASYMMETRIC.has(a));
+    if (refused.length > 0 || algorithms.length === 0) {
+      problems.push(`OIDC_ALGORITHMS: only asymmetric algorithms are accepted (${[...OIDC_ASYMMETRIC].join(', ')})${refused.length ? `; not ${refused.join(', ')}` : ''}`);
+    }
+    const tokenTypes = list(input.OIDC_TOKEN_TYPES ?? 'JWT,at+jwt');
+    if (tokenTypes.length === 0) problems.push('OIDC_TOKEN_TYPES: must name at least one typ, e.g. JWT');
+    oidc = {
+      issuer: input.OIDC_ISSUER ?? '',
+      audience: input.OIDC_AUDIENCE?.trim() ?? '',
+      orgClaim: input.OIDC_ORG_CLAIM?.trim() ?? 'org_id',
+      emailClaim: input.OIDC_EMAIL_CLAIM?.trim() ?? 'email',
+      algorithms,
+      tokenTypes,
+      clockToleranceSeconds: Number(input.OIDC_CLOCK_TOLERANCE_SECONDS ?? 30),
+    };
+  }
+  return problems.length > before ? null : { methods, jwt, oidc };
 }
 
 function defaultLogLevel(env: Parsed['NODE_ENV']): NonNullable<Parsed['LOG_LEVEL']> {

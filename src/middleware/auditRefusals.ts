@@ -1,7 +1,7 @@
 import type { FastifyInstance, FastifyRequest } from 'fastify';
 import type { Database } from '../infra/database.js';
-import { recordAuditEvent, type AuditEvent } from '../models/audit.model.js';
-import { ORG_HEADER, USER_HEADER } from './fakeAuth.middleware.js';
+import { recordAuditEvent, userActor, type AuditEvent } from '../models/audit.model.js';
+import { ORG_HEADER, USER_HEADER } from './authenticate.js';
 import { requestMetaOf } from './requestMeta.js';
 
 /**
@@ -51,11 +51,14 @@ function refusalOf(request: FastifyRequest, status: number): { orgId: string; ev
       orgId: ctx.orgId,
       event: {
         action: status === 401 ? 'auth.failed' : 'access.denied',
-        actor: { type: 'user', id: ctx.userId, email: ctx.email },
+        actor: userActor(ctx),
         metadata,
       },
     };
   }
+  // A credential that named its org before it failed (a revoked API key, a failed login...).
+  const claimed = request.claimedIdentity;
+  if (claimed) return { orgId: claimed.orgId, event: { action: 'auth.failed', actor: claimed.actor, metadata } };
   const orgId = claimedId(request, ORG_HEADER);
   const userId = claimedId(request, USER_HEADER);
   if (!orgId || !userId) return null;

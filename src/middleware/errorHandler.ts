@@ -59,6 +59,10 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
 
 export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
   if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));
+  // RFC 6750: say which scheme is expected, and that a presented token was refused.
+  if (err.statusCode === 401) {
+    void reply.header('www-authenticate', request.headers.authorization === undefined ? 'Bearer realm="llm-app"' : 'Bearer realm="llm-app", error="invalid_token"');
+  }
   // Serialised here, not by the route's response schema: an error (a 503 from the auth hook on
   // /health, say) must never be forced into the shape of that route's success body.
   return reply

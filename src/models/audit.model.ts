@@ -35,7 +35,9 @@ export interface AuditActor {
 
 export const SYSTEM_ACTOR: AuditActor = { type: 'system', id: null, email: null };
 
-export const userActor = (ctx: RequestContext): AuditActor => ({ type: 'user', id: ctx.userId, email: ctx.email });
+/** The caller as an audit actor: the user, or the API key it authenticated with. */
+export const userActor = (ctx: RequestContext): AuditActor =>
+  ctx.authMethod === 'api_key' ? { type: 'api_key', id: ctx.userId, email: null } : { type: 'user', id: ctx.userId, email: ctx.email };
 
 export interface AuditTarget {
   readonly type: string;

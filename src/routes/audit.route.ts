@@ -1,7 +1,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { Database } from '../infra/database.js';
-import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
+import { contextOf, requireRole } from '../middleware/authenticate.js';
 import { ACTOR_TYPES, AUDIT_ACTIONS, listAuditLogs, type AuditLogEntry } from '../models/audit.model.js';
 import { AUTH_ERRORS, errors, uuid, pageQuery } from './schemas.js';
 

@@ -22,7 +22,7 @@ const HealthSchema = z.object({
     .enum(['ok', 'degraded'])
     .describe('degraded: the invalidation channel is down; changes made on other instances apply when cached callers expire'),
   org: z.string().optional().describe('With valid auth headers: the caller\'s org id'),
-  user: z.object({ id: z.string(), email: z.string(), role }).optional(),
+  user: z.object({ id: z.string(), email: z.string().nullable(), role }).optional(),
 });
 
 export const healthRoutes: FastifyPluginAsyncZod<{

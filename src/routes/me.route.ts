@@ -1,6 +1,6 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import type { Database } from '../infra/database.js';
-import { contextOf } from '../middleware/fakeAuth.middleware.js';
+import { contextOf } from '../middleware/authenticate.js';
 import { notFound } from '../errors.js';
 import { findOrgById } from '../models/org.model.js';
 import { AUTH_ERRORS, errors, OrgSchema, toOrgDto, toUserDto, UserSchema } from './schemas.js';

@@ -1,7 +1,7 @@
 import type { FastifyPluginAsyncZod } from 'fastify-type-provider-zod';
 import { z } from 'zod';
 import type { Config } from '../config/env.js';
-import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
+import { contextOf, requireRole } from '../middleware/authenticate.js';
 import { effectiveLimits } from '../models/orgLimits.model.js';
 import { utcPeriods, type RateLimiter } from '../ratelimit/index.js';
 import { AUTH_ERRORS, errors } from './schemas.js';

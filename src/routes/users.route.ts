@@ -3,7 +3,7 @@ import { z } from 'zod';
 import { notFound } from '../errors.js';
 import type { Authenticator } from '../auth/index.js';
 import type { Database } from '../infra/database.js';
-import { contextOf, requireRole } from '../middleware/fakeAuth.middleware.js';
+import { contextOf, requireRole } from '../middleware/authenticate.js';
 import { requestMetaOf } from '../middleware/requestMeta.js';
 import {
   createUserInOrg,

@@ -1,4 +1,5 @@
 import type { Authenticator } from '../auth/index.js';
+import type { AuthMethod } from './authMethods.js';
 import type { OrgLimitOverrides } from '../models/orgLimits.model.js';
 import type { User } from '../models/user.model.js';
 
@@ -7,10 +8,17 @@ export type Role = (typeof ROLES)[number];
 
 /** Who is calling: built once per request by the auth hook, passed down as a plain argument. */
 export interface RequestContext {
+  /** The acting principal: a user's id, or for an API key the key's id. */
   readonly userId: string;
   readonly orgId: string;
+  /** The user's current role, or the API key's. */
   readonly role: Role;
-  readonly email: string;
+  /** The user's email; null for an API key. */
+  readonly email: string | null;
+  /** How the caller authenticated. */
+  readonly authMethod: AuthMethod;
+  /** The API key's or the session's id; null for the other methods. */
+  readonly credentialId: string | null;
 }
 
 /**
