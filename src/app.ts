@@ -19,8 +19,10 @@ import { registerAuthentication, requireContext } from './middleware/authenticat
 import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
 import { auditRoutes } from './routes/audit.route.js';
+import { authRoutes } from './routes/auth.route.js';
 import { healthRoutes } from './routes/health.route.js';
 import { meRoutes } from './routes/me.route.js';
+import { passwordRoutes } from './routes/password.route.js';
 import { userRoutes } from './routes/users.route.js';
 import { usageRoutes } from './routes/usage.route.js';
 import { registerIpLimit, registerOrgLimit, type RateLimiter } from './ratelimit/index.js';
@@ -106,7 +108,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     });
   }
   registerIpLimit(app, limiter, config);
-  const bearer = await createBearerMethods({ config, db, auth, log });
+  const bearer = await createBearerMethods({ config, db, auth, log, limiter });
   app.addHook('onClose', () => bearer.close());
   registerAuthentication(app, auth, config.auth, bearer.methods);
   registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
@@ -147,6 +149,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     async (v1) => {
       // Routes that take credentials instead of requiring them (sign-in) go here, outside the
       // tenant scope below.
+      if (bearer.sessions) await v1.register(authRoutes, { sessions: bearer.sessions });
       await v1.register(async (tenant) => {
         tenant.addHook('onRequest', requireContext);
         registerOrgLimit(tenant, limiter, config);
@@ -154,6 +157,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
         await tenant.register(userRoutes, { db, auth });
         await tenant.register(usageRoutes, { config, limiter });
         await tenant.register(auditRoutes, { db });
+        if (bearer.sessions) await tenant.register(passwordRoutes, { sessions: bearer.sessions });
       });
     },
     { prefix: '/v1' },

@@ -16,7 +16,8 @@ declare module 'fastify' {
   }
 }
 
-const AUTH_HEADERS = ['x-org-id', 'x-user-id'] as const;
+// A request with a credential is charged per address only if the credential fails.
+const AUTH_HEADERS = ['authorization', 'x-org-id', 'x-user-id'] as const;
 const hasAuthHeaders = (r: FastifyRequest) => AUTH_HEADERS.some((h) => r.headers[h] !== undefined);
 
 function refusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {
