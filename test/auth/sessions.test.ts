@@ -581,6 +581,24 @@ describe('limits on password attempts', () => {
     }
   });
 
+  it('the per-address limit charges requests with an access token only when the token fails', async () => {
+    const app4 = await buildTestApp({ env: { ...SESSION_ENV, IP_RATE_LIMIT_PER_MINUTE: '3' } });
+    try {
+      const u = await t.addUser('member');
+      const s = await login(app4, t, u, await setPassword(db, u));
+      const call = (token: string) => app4.inject({ method: 'GET', url: '/v1/me', headers: bearer(token), remoteAddress: '10.6.6.6' });
+      const valid: number[] = [];
+      for (let i = 0; i < 6; i++) valid.push((await call(s.accessToken)).statusCode);
+      expect(valid).toEqual([200, 200, 200, 200, 200, 200]);
+      const forged: number[] = [];
+      for (let i = 0; i < 4; i++) forged.push((await call(`${s.accessToken}x`)).statusCode);
+      expect(forged).toEqual([401, 401, 401, 429]);
+      expect((await call(s.accessToken)).statusCode).toBe(429);
+    } finally {
+      await app4.close();
+    }
+  });
+
   it('the current password of a password change is limited the same way', async () => {
     const app3 = await buildTestApp({ env: { ...SESSION_ENV, LOGIN_ATTEMPTS_PER_ACCOUNT: '2' } });
     try {
