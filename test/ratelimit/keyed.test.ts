@@ -64,7 +64,12 @@ describe('acquireKey on the memory backend', () => {
   it('after the last token, the next attempt is refused in process without asking the backend', async () => {
     const inner = createMemoryBackend({ maxKeys: 10_000 });
     let calls = 0;
-    const counting: LimiterBackend = { kind: 'memory', acquire: (r) => (calls++, inner.acquire(r)), release: inner.release, close: inner.close };
+    const counting: LimiterBackend = {
+      kind: 'memory',
+      acquire: (r) => (calls++, inner.acquire(r)),
+      release: (orgId, slotId) => inner.release(orgId, slotId),
+      close: () => inner.close(),
+    };
     const limiter = await limiterOn(counting);
     const key = `test:${randomUUID()}`;
     for (let i = 0; i < 3; i++) await limiter.acquireKey(key, bucket, T0);
