@@ -7,6 +7,7 @@ import { setOrgLimitOverrides } from '../src/models/orgLimits.model.js';
 import { addUsage } from '../src/models/usage.model.js';
 import type { Role } from '../src/types/context.js';
 import { buildTestApp, createTenant, type TestTenant, type TestUser } from './helpers/app.js';
+import { setPassword } from './helpers/sessions.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
 
 /**
@@ -72,13 +73,37 @@ const CASES: Record<string, RouteCase> = {
     request: (c, id) => get(`/v1/audit-logs?actorId=${id}`)(c),
     comparable: sameAnswer,
   },
+  // Sign-in to B with the email of A's user (the id slot is an email here): the answer of an unknown email.
+  'POST /v1/auth/login': {
+    request: (_c, email) => ({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: b.org.slug, email, password: 'not-the-password-1' } }),
+    comparable: sameAnswer,
+  },
+  'POST /v1/auth/refresh': {
+    request: (_c, id) => ({ method: 'POST', url: '/v1/auth/refresh', payload: { refreshToken: refreshTokenFrom(id) } }),
+    comparable: sameAnswer,
+  },
+  'POST /v1/auth/logout': {
+    request: (_c, id) => ({ method: 'POST', url: '/v1/auth/logout', payload: { refreshToken: refreshTokenFrom(id) } }),
+    comparable: sameAnswer,
+  },
+  // The caller's own password (B's users have one): a wrong current password, whatever the id.
+  'PUT /v1/me/password': {
+    request: (c, id) => ({ method: 'PUT', url: '/v1/me/password', headers: c.headers, payload: { currentPassword: `not-it-${id}`, newPassword: `fresh-${id}` } }),
+    comparable: sameAnswer,
+  },
 };
+
+/** A well-formed refresh token made of an id's hex digits. */
+const refreshTokenFrom = (id: string) => `llmr_${id.replace(/-/g, '').padEnd(43, '0')}`;
+/** Routes whose id slot takes an email of A's users rather than an id. */
+const EMAIL_ROUTES = new Set(['POST /v1/users', 'POST /v1/auth/login']);
 
 async function snapshotA(): Promise<unknown[]> {
   const users = await db.query('SELECT * FROM users WHERE org_id = $1 ORDER BY id', [a.org.id]);
   const org = await db.query('SELECT * FROM orgs WHERE id = $1', [a.org.id]);
   const audit = await db.query('SELECT id, seq, hash FROM audit_logs WHERE org_id = $1 ORDER BY seq', [a.org.id]);
-  return [users.rows, org.rows, audit.rows];
+  const sessions = await db.query('SELECT * FROM sessions WHERE org_id = $1 ORDER BY id', [a.org.id]);
+  return [users.rows, org.rows, audit.rows, sessions.rows];
 }
 
 function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): void {
@@ -100,12 +125,18 @@ beforeAll(async () => {
     const res = await app.inject({ method: 'POST', url: '/v1/users', headers: t.owner.headers, payload: { email: newEmail() } });
     expect(res.statusCode).toBe(201);
     await app.inject({ method: 'POST', url: '/v1/users', headers: t.member.headers, payload: { email: newEmail() } }); // 403, audited
+    // A user with a password and a session (sessions rows).
+    for (const u of [t.owner, t.admin, t.member]) await setPassword(db, u, `${t.org.slug}-password`);
+    const signIn = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: t.org.slug, email: t.member.email, password: `${t.org.slug}-password` } });
+    expect(signIn.statusCode).toBe(200);
   }
   await app.refusalAudit.settled();
   const users = await db.query<{ id: string; email: string }>('SELECT id, email FROM users WHERE org_id = $1', [a.org.id]);
   const audit = await db.query<{ id: string }>('SELECT id FROM audit_logs WHERE org_id = $1', [a.org.id]);
   expect(audit.rows.length).toBeGreaterThanOrEqual(3);
-  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id)];
+  const sessions = await db.query<{ id: string; session_id: string }>('SELECT id, session_id FROM sessions WHERE org_id = $1', [a.org.id]);
+  expect(sessions.rows.length).toBe(1);
+  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id), ...sessions.rows.flatMap((r) => [r.id, r.session_id])];
   aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug];
 });
 afterAll(() => app.close());
@@ -140,13 +171,13 @@ describe('every /v1 route, called as org B with org A ids', () => {
         fc.constantFrom(...aEmails),
         async (route, aId, randomId, role, aEmail) => {
           const c = CASES[route]!;
-          const isPost = route === 'POST /v1/users';
+          const isPost = EMAIL_ROUTES.has(route);
           const foreign = await app.inject(c.request(b[role], isPost ? aEmail : aId));
           const random = await app.inject(c.request(b[role], isPost ? newEmail() : randomId.toLowerCase()));
           expect(c.comparable(foreign)).toEqual(c.comparable(random));
           expect(foreign.statusCode).toBeLessThan(500);
           expectNothingOfA(foreign, isPost ? [aEmail] : []);
-          if (isPost) {
+          if (route === 'POST /v1/users') {
             // Free the address again for the next run (a deleted user's address can be reused).
             for (const res of [foreign, random].filter((r) => r.statusCode === 201)) {
               await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [res.json<{ id: string }>().id]);

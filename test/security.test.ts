@@ -16,6 +16,8 @@ describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org/usage', minRole
 describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 });
 describeTenantRouteSecurity({ method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 });
 describeTenantRouteSecurity({ method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 });
+// A first password (the callers here have none yet).
+describeTenantRouteSecurity({ method: 'PUT', url: () => '/v1/me/password', body: () => ({ newPassword: `sec-${randomBytes(9).toString('hex')}` }), okStatus: 204 });
 describeTenantRouteSecurity({
   method: 'PATCH',
   url: ({ id }) => `/v1/users/${id}`,
