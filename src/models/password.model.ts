@@ -3,7 +3,7 @@ import { queryAsSystem, queryAsTenant, withTenant } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
 import type { RequestContext, RequestMeta } from '../types/context.js';
 import { appendAuditLog, SYSTEM_ACTOR, userActor } from './audit.model.js';
-import { endSessionsOfUser } from './session.model.js';
+import { endSessionsOfUser, isSessionLive } from './session.model.js';
 import { normaliseEmail, toUser, type User, type UserRow } from './user.model.js';
 
 /**
@@ -67,6 +67,11 @@ export async function changeOwnPassword(
   meta: RequestMeta,
 ): Promise<{ sessionsEnded: number }> {
   return withTenant(db, ctx.orgId, async (tx) => {
+    await tx.query('SELECT lock_org($1)', [ctx.orgId]);
+    // A session ended while the request was on its way changes nothing.
+    if (ctx.authMethod === 'password' && ctx.credentialId && !(await isSessionLive(tx, ctx.orgId, ctx.credentialId))) {
+      throw new AppError('unauthorized', 'Session has ended');
+    }
     const { rowCount } = await tx.query(
       `UPDATE users SET password_hash = $3
         WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL AND password_hash IS NOT DISTINCT FROM $4::text`,
@@ -106,6 +111,7 @@ export async function setPasswordAsOperator(
   if (!found) return null;
   const { org_id: orgId, id: userId } = found;
   return withTenant(db, orgId, async (tx) => {
+    await tx.query('SELECT lock_org($1)', [orgId]);
     const { rowCount } = await tx.query('UPDATE users SET password_hash = $3 WHERE org_id = $1 AND id = $2 AND deleted_at IS NULL', [
       orgId,
       userId,

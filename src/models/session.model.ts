@@ -9,11 +9,12 @@ import { toUser, type User, type UserRow } from './user.model.js';
  * Sessions (migration 007): one row per refresh token, grouped by session (the family of tokens
  * of one sign-in). Tokens arrive hashed (SHA-256, hex); nothing here sees a token.
  *
- * Every transaction that changes a user's sessions first locks the user's row (FOR NO KEY
- * UPDATE), as a role change or deletion does by updating it: changes to one user's sessions
- * happen one after the other, and each statement after the lock sees every token the previous
- * holder created. That is what makes a family revocation reach the token a concurrent refresh
- * has just issued.
+ * Every transaction that changes a user's sessions takes, in this order, the org's lock (the one
+ * every change of an org's users and audit chain takes first: lock_org) and the user's row (FOR
+ * NO KEY UPDATE), as a role change or deletion does: changes to one user's sessions happen one
+ * after the other, each statement after the locks sees every token the previous holder created
+ * (that is what makes a family revocation reach the token a concurrent refresh has just issued),
+ * and the same order everywhere leaves no room for a deadlock.
  */
 
 const U_COLUMNS = 'u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at';
@@ -40,8 +41,9 @@ async function insertToken(tx: TenantTx, orgId: string, sessionId: string, userI
   return rows[0]!.id;
 }
 
-/** Locks the live user of a live org (see the note at the top); null when there is none. */
+/** Takes the org's lock, then the live user's row (see the note at the top); null when there is no such user. */
 async function lockLiveUser(tx: TenantTx, orgId: string, userId: string, passwordHash?: string): Promise<User | null> {
+  await tx.query('SELECT lock_org($1)', [orgId]);
   const { rows } = await tx.query<UserRow>(
     `SELECT ${U_COLUMNS} FROM users u
       WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL AND ${LIVE_ORG}

@@ -352,6 +352,36 @@ describe('refresh, reuse and logout', () => {
     ]);
   });
 
+  it('the same refresh token sent five times at once: one 200, four 401, and the whole session ends, the new tokens too', async () => {
+    const u = await t.addUser('member');
+    const s = await login(app, t, u, await setPassword(db, u));
+    const answers = await Promise.all(Array.from({ length: 5 }, () => refresh(app, s.refreshToken)));
+    expect(answers.map((r) => r.statusCode).sort()).toEqual([200, 401, 401, 401, 401]);
+    const winner = answers.find((r) => r.statusCode === 200)!.json<Tokens>();
+    expectError(await refresh(app, winner.refreshToken), 401, 'unauthorized');
+    expectError(await me(app, winner.accessToken), 401, 'unauthorized');
+    const { rows } = await db.query<{ live: number }>('SELECT count(*)::int AS live FROM sessions WHERE org_id = $1 AND user_id = $2 AND revoked_at IS NULL', [t.org.id, u.id]);
+    expect(rows).toEqual([{ live: 0 }]);
+  });
+
+  it('sign-ins, refreshes and role changes of one user at once: no error, and no session outlives the last role change', async () => {
+    const u = await t.addUser('member');
+    const password = await setPassword(db, u);
+    const sessions = await Promise.all([login(app, t, u, password), login(app, t, u, password)]);
+    const roles = ['admin', 'member', 'admin', 'member'] as const;
+    const answers = await Promise.all([
+      ...sessions.map((x) => refresh(app, x.refreshToken)),
+      ...roles.map((role) => app.inject({ method: 'PATCH', url: `/v1/users/${u.id}`, headers: t.owner.headers, payload: { role } })),
+      loginRequest(app, { orgSlug: t.org.slug, email: u.email, password }),
+    ]);
+    for (const r of answers) expect(r.statusCode, r.body).toBeLessThan(500);
+    // Every session that existed before the last role change has ended.
+    const last = await app.inject({ method: 'PATCH', url: `/v1/users/${u.id}`, headers: t.owner.headers, payload: { role: 'admin' } });
+    expect(last.statusCode).toBe(200);
+    const { rows } = await db.query<{ live: number }>('SELECT count(*)::int AS live FROM sessions WHERE org_id = $1 AND user_id = $2 AND revoked_at IS NULL', [t.org.id, u.id]);
+    expect(rows).toEqual([{ live: 0 }]);
+  });
+
   it('refuses unknown, malformed and expired refresh tokens with 401', async () => {
     for (const token of ['llmr_' + '0'.repeat(43), 'nope', 'llmr_short']) expectError(await refresh(app, token), 401, 'unauthorized');
     expectError(await app.inject({ method: 'POST', url: '/v1/auth/refresh', payload: {} }), 400, 'validation_failed');
