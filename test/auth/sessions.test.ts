@@ -518,6 +518,10 @@ describe('PUT /v1/me/password', () => {
     for (const x of [v, w]) expect((await put(x.headers, { newPassword: same })).statusCode).toBe(204);
     const hashes = await db.query<{ password_hash: string }>('SELECT password_hash FROM users WHERE id = ANY($1::uuid[])', [[v.id, w.id]]);
     expect(new Set(hashes.rows.map((r) => r.password_hash)).size).toBe(2);
+    // The database itself refuses anything but an argon2id hash.
+    for (const bad of ['hunter2-in-clear', '$2b$10$abcdefghijklmnopqrstuv', '$argon2i$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA']) {
+      await expect(db.query('UPDATE users SET password_hash = $2 WHERE id = $1', [v.id, bad])).rejects.toMatchObject({ code: '23514' });
+    }
   });
 
   it('a user without a password sets one without currentPassword; then currentPassword is required and checked', async () => {
@@ -652,8 +656,11 @@ describe('the audit log of sign-ins', () => {
     const o = await createTenant(db);
     const password = await setPassword(db, o.member);
     const s = await login(app, o, o.member, password);
+    // Refusals are written after their response: each is waited for, so the order is known.
     await loginRequest(app, { orgSlug: o.org.slug, email: o.member.email, password: 'not-the-password' });
+    await app.refusalAudit.settled();
     await loginRequest(app, { orgSlug: o.org.slug, email: 'Nobody.Here@Example.test', password: 'not-the-password' });
+    await app.refusalAudit.settled();
     await refresh(app, s.refreshToken);
     const rows = await auditRows(o.org.id);
     const sid = decodeJwt(s.accessToken).sid;
