@@ -624,6 +624,11 @@ describe('no secret in any log line', () => {
       expect((await logged.inject({ method: 'GET', url: '/v1/users', headers: { authorization: `Bearer ${secret}x` } })).statusCode).toBe(401);
       await logged.bearerMethods.flush();
       await logged.refusalAudit.settled();
+      // Should the headers of a request ever be logged, the key is cut out of them.
+      logger.info({ req: { headers: h } }, 'a request object');
+      logger.info({ headers: h }, 'bare headers');
+      logger.info({ request: { headers: h } }, 'nested headers');
+      expect(lines.filter((l) => l.includes('"authorization":"[redacted]"'))).toHaveLength(3);
 
       const all = lines.join('\n');
       // The logger did see these requests (so the search below is not vacuous).
