@@ -113,6 +113,13 @@ export interface UserPage {
   nextCursor: string | null;
 }
 
+/** A page of an org's live users after an optional anchor ($2), in creation order. Exported for bench/rls.ts. */
+export const USERS_PAGE_SQL = `SELECT ${COLUMNS} FROM users
+      WHERE org_id = $1 AND deleted_at IS NULL
+        AND ($2::uuid IS NULL OR seq > (SELECT a.seq FROM users a WHERE a.org_id = $1 AND a.id = $2::uuid))
+      ORDER BY seq
+      LIMIT $3`;
+
 /**
  * Keyset pagination in creation order. The cursor is opaque to clients; it names the last user
  * of the previous page (and nothing else: not a count or a sequence number that would say how
@@ -125,17 +132,7 @@ export async function listUsersInOrg(
 ): Promise<UserPage> {
   const afterId = opts.cursor ? decodeCursor(opts.cursor) : null;
   // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
-  const { rows } = await queryAsTenant<UserRow>(
-    db,
-    orgId,
-    `SELECT ${COLUMNS} FROM users
-      WHERE org_id = $1 AND deleted_at IS NULL
-        AND ($2::uuid IS NULL OR seq > (SELECT a.seq FROM users a WHERE a.org_id = $1 AND a.id = $2::uuid))
-      ORDER BY seq
-      LIMIT $3`,
-    [orgId, afterId, opts.limit + 1],
-    'users_page',
-  );
+  const { rows } = await queryAsTenant<UserRow>(db, orgId, USERS_PAGE_SQL, [orgId, afterId, opts.limit + 1], 'users_page');
   // An empty page after a cursor: the end of the list, or a cursor that names no user of this
   // org (seq > NULL matches nothing). Only then is a second look needed.
   if (afterId && rows.length === 0) {
