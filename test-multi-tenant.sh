@@ -223,6 +223,31 @@ check_eq "g) entries of Acme only, newest first" true \
 request GET /v1/audit-logs -H "x-org-id: $ACME_ORG" -H "x-user-id: 00000000-0000-0000-0001-000000000002"
 check_status "g) GET /v1/audit-logs as Acme member" 403
 
+# --- h) an API key ------------------------------------------------------------------
+
+section "h) API keys: create as Acme admin, call with Bearer, revoke"
+request POST /v1/api-keys "${AS_ACME_ADMIN[@]}" -H 'content-type: application/json' \
+  -d '{"name":"walkthrough key","role":"member"}'
+check_status "h) POST /v1/api-keys as Acme admin" 201
+KEY_SECRET=$(json 'b.secret')
+KEY_ID=$(json 'b.id')
+check_eq "h) the secret is llmk_ + 43 base62 characters" true "$(json '/^llmk_[0-9A-Za-z]{43}$/.test(b.secret)')"
+check_eq "h) the key is Acme's, role member" "$ACME_ORG member" "$(json 'b.orgId + " " + b.role')"
+AS_KEY=(-H "Authorization: Bearer $KEY_SECRET")
+request GET /v1/me "${AS_KEY[@]}"
+check_status "h) GET /v1/me with the key" 200
+check_eq "h) /v1/me is the key" "api_key $KEY_ID $ACME_ORG" "$(json 'b.type + " " + b.id + " " + b.orgId')"
+request GET "/v1/users/$TECH_FOUNDER" "${AS_KEY[@]}"
+check_status "h) other tenant's user with the key" 404
+request GET "/v1/api-keys?limit=100" "${AS_ACME_ADMIN[@]}"
+check_status "h) GET /v1/api-keys as Acme admin" 200
+check_eq "h) the list shows the key without its secret" true \
+  "$(json "b.data.some((k) => k.id === '$KEY_ID') && !JSON.stringify(b).includes('$KEY_SECRET'.slice(12))")"
+request DELETE "/v1/api-keys/$KEY_ID" "${AS_ACME_ADMIN[@]}"
+check_status "h) DELETE /v1/api-keys/<id> revokes it" 204
+request GET /v1/me "${AS_KEY[@]}"
+check_status "h) the revoked key" 401
+
 # --- summary -------------------------------------------------------------------
 
 printf '\n%d passed, %d failed\n' "$PASSED" "$FAILED"

@@ -6,7 +6,8 @@ import type { Database } from '../src/infra/database.js';
 import { setOrgLimitOverrides } from '../src/models/orgLimits.model.js';
 import { addUsage } from '../src/models/usage.model.js';
 import type { Role } from '../src/types/context.js';
-import { buildTestApp, createTenant, type TestTenant, type TestUser } from './helpers/app.js';
+import { insertApiKey } from './helpers/apiKeys.js';
+import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
 
 /**
@@ -19,18 +20,26 @@ let app: FastifyInstance;
 let db: Database;
 let a: TestTenant;
 let b: TestTenant;
-/** Every id org A has: its org, users, audit entries. */
+/** B's callers with API keys of each role (besides its users with the development headers). */
+let bKeys: Record<Role, Caller>;
+/** Every id org A has: its org, users, audit entries, API keys. */
 let aIds: string[];
 /** Every string that would betray org A in a response. */
 let aSecrets: string[];
 
 const ROLES: Role[] = ['owner', 'admin', 'member'];
 const userCursor = (id: string) => Buffer.from(`u1:${id}`).toString('base64url');
+const keyCursor = (id: string) => Buffer.from(`k1:${id}`).toString('base64url');
+
+/** Whoever calls: a user (development headers) or an API key (Authorization). */
+interface Caller {
+  headers: Record<string, string>;
+}
 const newEmail = () => `iso-${randomBytes(5).toString('hex')}@example.test`;
 
 interface RouteCase {
   /** The request as `caller`, with `id` wherever the route takes an id (path, cursor, filter, body). */
-  request(caller: TestUser, id: string): InjectOptions;
+  request(caller: Caller, id: string): InjectOptions;
   /** What must be equal between an answer to A's id and one to a random id. */
   comparable(res: LightMyRequestResponse): unknown;
 }
@@ -42,7 +51,7 @@ function sameAnswer(res: LightMyRequestResponse): unknown {
   return { status: res.statusCode, body };
 }
 
-const get = (url: string) => (caller: TestUser): InjectOptions => ({ method: 'GET', url, headers: caller.headers });
+const get = (url: string) => (caller: Caller): InjectOptions => ({ method: 'GET', url, headers: caller.headers });
 
 // Keyed "METHOD openapi-path".
 const CASES: Record<string, RouteCase> = {
@@ -72,13 +81,24 @@ const CASES: Record<string, RouteCase> = {
     request: (c, id) => get(`/v1/audit-logs?actorId=${id}`)(c),
     comparable: sameAnswer,
   },
+  'GET /v1/api-keys': { request: (c, id) => get(`/v1/api-keys?cursor=${keyCursor(id)}`)(c), comparable: sameAnswer },
+  'POST /v1/api-keys': {
+    // No id to give: what matters is whose key it makes.
+    request: (c) => ({ method: 'POST', url: '/v1/api-keys', headers: c.headers, payload: { name: 'iso key', role: 'member' } }),
+    comparable: (res) => ({ status: res.statusCode, orgId: res.statusCode === 201 ? res.json<{ orgId: string }>().orgId : null }),
+  },
+  'DELETE /v1/api-keys/{id}': {
+    request: (c, id) => ({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: c.headers }),
+    comparable: sameAnswer,
+  },
 };
 
 async function snapshotA(): Promise<unknown[]> {
   const users = await db.query('SELECT * FROM users WHERE org_id = $1 ORDER BY id', [a.org.id]);
   const org = await db.query('SELECT * FROM orgs WHERE id = $1', [a.org.id]);
   const audit = await db.query('SELECT id, seq, hash FROM audit_logs WHERE org_id = $1 ORDER BY seq', [a.org.id]);
-  return [users.rows, org.rows, audit.rows];
+  const keys = await db.query('SELECT * FROM api_keys WHERE org_id = $1 ORDER BY id', [a.org.id]);
+  return [users.rows, org.rows, audit.rows, keys.rows];
 }
 
 function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): void {
@@ -94,19 +114,28 @@ beforeAll(async () => {
   a = await createTenant(db);
   b = await createTenant(db);
   for (const t of [a, b]) {
-    // Rows in every tenant table: users (above), limits, usage, audit entries (from the API).
+    // Rows in every tenant table: users (above), limits, usage, audit entries and API keys (from the API).
     await setOrgLimitOverrides(db, t.org.id, { orgBurst: 500 });
     await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
     const res = await app.inject({ method: 'POST', url: '/v1/users', headers: t.owner.headers, payload: { email: newEmail() } });
     expect(res.statusCode).toBe(201);
     await app.inject({ method: 'POST', url: '/v1/users', headers: t.member.headers, payload: { email: newEmail() } }); // 403, audited
+    for (const role of ROLES) {
+      const key = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: t.owner.headers, payload: { name: `iso-${randomBytes(5).toString('hex')}`, role } });
+      expect(key.statusCode).toBe(201);
+    }
   }
+  const keyCallers: Partial<Record<Role, Caller>> = {};
+  for (const role of ROLES) keyCallers[role] = { headers: (await insertApiKey(db, b.org.id, role, b.owner.id)).headers };
+  bKeys = keyCallers as Record<Role, Caller>;
   await app.refusalAudit.settled();
   const users = await db.query<{ id: string; email: string }>('SELECT id, email FROM users WHERE org_id = $1', [a.org.id]);
   const audit = await db.query<{ id: string }>('SELECT id FROM audit_logs WHERE org_id = $1', [a.org.id]);
+  const keys = await db.query<{ id: string; name: string; prefix: string }>('SELECT id, name, prefix FROM api_keys WHERE org_id = $1', [a.org.id]);
   expect(audit.rows.length).toBeGreaterThanOrEqual(3);
-  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id)];
-  aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug];
+  expect(keys.rows.length).toBe(3);
+  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id), ...keys.rows.map((k) => k.id)];
+  aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug, ...keys.rows.flatMap((k) => [k.name, k.prefix])];
 });
 afterAll(() => app.close());
 
@@ -121,10 +150,12 @@ describe('every /v1 route, called as org B with org A ids', () => {
   });
 
   it('lists of org B contain nothing of org A (before B creates users with the addresses of A\u2019s)', async () => {
-    for (const url of ['/v1/users?limit=100', '/v1/audit-logs?limit=100', '/v1/me', '/v1/org', '/v1/org/usage']) {
-      const res = await app.inject({ method: 'GET', url, headers: b.owner.headers });
-      expect({ url, status: res.statusCode }).toEqual({ url, status: 200 });
-      expectNothingOfA(res);
+    for (const url of ['/v1/users?limit=100', '/v1/audit-logs?limit=100', '/v1/api-keys?limit=100', '/v1/me', '/v1/org', '/v1/org/usage']) {
+      for (const caller of [b.owner, bKeys.owner]) {
+        const res = await app.inject({ method: 'GET', url, headers: caller.headers });
+        expect({ url, status: res.statusCode }).toEqual({ url, status: 200 });
+        expectNothingOfA(res);
+      }
     }
   });
 
@@ -138,11 +169,14 @@ describe('every /v1 route, called as org B with org A ids', () => {
         fc.uuid(),
         fc.constantFrom(...ROLES),
         fc.constantFrom(...aEmails),
-        async (route, aId, randomId, role, aEmail) => {
+        fc.boolean(),
+        async (route, aId, randomId, role, aEmail, withKey) => {
           const c = CASES[route]!;
           const isPost = route === 'POST /v1/users';
-          const foreign = await app.inject(c.request(b[role], isPost ? aEmail : aId));
-          const random = await app.inject(c.request(b[role], isPost ? newEmail() : randomId.toLowerCase()));
+          // B's user with the development headers, or B's API key of the same role.
+          const caller = withKey ? bKeys[role] : b[role];
+          const foreign = await app.inject(c.request(caller, isPost ? aEmail : aId));
+          const random = await app.inject(c.request(caller, isPost ? newEmail() : randomId.toLowerCase()));
           expect(c.comparable(foreign)).toEqual(c.comparable(random));
           expect(foreign.statusCode).toBeLessThan(500);
           expectNothingOfA(foreign, isPost ? [aEmail] : []);
@@ -154,7 +188,7 @@ describe('every /v1 route, called as org B with org A ids', () => {
           }
         },
       ),
-      { numRuns: 120 },
+      { numRuns: 200 },
     );
     expect(await snapshotA()).toEqual(before);
   });
@@ -193,6 +227,7 @@ describe('a pool of one connection, serving org A and org B in turn', () => {
         { method: 'GET', url: '/v1/me', headers: caller.headers },
         { method: 'GET', url: '/v1/org', headers: caller.headers },
         { method: 'GET', url: '/v1/audit-logs?limit=100', headers: caller.headers },
+        { method: 'GET', url: '/v1/api-keys?limit=100', headers: caller.headers },
         { method: 'GET', url: `/v1/users/${other.owner.id}`, headers: caller.headers },
         ...(i % 6 === 0 ? [{ method: 'POST' as const, url: '/v1/users', headers: caller.headers, payload: { email: newEmail() } }] : []),
       ];
@@ -201,7 +236,7 @@ describe('a pool of one connection, serving org A and org B in turn', () => {
         const label = `${call.method} ${call.url} as ${me === a ? 'A' : 'B'}`;
         expect({ label, status: res.statusCode }).toEqual({ label, status: call.url.startsWith('/v1/users/') ? 404 : call.method === 'POST' ? 201 : 200 });
         expect({ label, leaks: res.body.includes(other.org.id) || res.body.includes(other.owner.id) }).toEqual({ label, leaks: false });
-        if (call.url.startsWith('/v1/users?')) {
+        if (call.url.startsWith('/v1/users?') || call.url.startsWith('/v1/api-keys?')) {
           const orgs = new Set(res.json<{ data: { orgId: string }[] }>().data.map((u) => u.orgId));
           expect([...orgs]).toEqual([me.org.id]);
         }

@@ -6,6 +6,8 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import type { BearerMethods } from '../middleware/authenticate.js';
+import type { AuthMethod } from '../types/authMethods.js';
+import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
 
 export interface AuthMethodDeps {
@@ -17,16 +19,37 @@ export interface AuthMethodDeps {
 
 export interface RunningMethods {
   methods: BearerMethods;
+  /** Writes now what the methods batch in memory (API keys' last use). */
+  flush(): Promise<void>;
   /** Stops what the methods run in the background (batched writes, key refreshes). */
   close(): Promise<void>;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The running bearer methods (tests flush their batches through it). */
+    bearerMethods: RunningMethods;
+  }
 }
 
 export async function createBearerMethods(deps: AuthMethodDeps): Promise<RunningMethods> {
   const methods: BearerMethods = {};
   const closers: (() => Promise<void>)[] = [];
-  void deps;
+  const flushers: (() => Promise<void>)[] = [];
+  const on = (m: AuthMethod) => deps.config.auth.methods.includes(m);
+
+  if (on('api_key')) {
+    const apiKeys = createApiKeyMethod({ ...deps, flushIntervalMs: deps.config.rateLimit.usageFlushIntervalMs });
+    methods.apiKey = apiKeys.resolve;
+    flushers.push(() => apiKeys.flush());
+    closers.push(() => apiKeys.close());
+  }
+
   return {
     methods,
+    async flush() {
+      await Promise.all(flushers.map((f) => f()));
+    },
     async close() {
       await Promise.allSettled(closers.map((c) => c()));
     },

@@ -18,6 +18,8 @@ export const AUDIT_ACTIONS = [
   'user.role_changed',
   'user.deleted',
   'org_limits.changed',
+  'api_key.created',
+  'api_key.revoked',
   'auth.failed',
   'access.denied',
 ] as const;

@@ -175,16 +175,21 @@ const insufficientRole = (what: string) => new AppError('forbidden', `Your role 
  * Serialises changes within one org (so two concurrent demotions cannot remove both owners, and
  * the audit chain gets one writer at a time) and returns the caller's role as it is now, under
  * the lock: a caller demoted or deleted while the request was on its way acts with what they
- * have now, not what they had at authentication.
+ * have now, not what they had at authentication. An API key caller acts with its key's role,
+ * while the key is neither revoked nor expired.
  */
-async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promise<Role> {
+export async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promise<Role> {
   await tx.query('SELECT lock_org($1)', [ctx.orgId]);
   // A separate statement on purpose: under READ COMMITTED it takes a new snapshot, so it sees
   // what a transaction that held the lock before us committed.
   const { rows } = await tx.query<{ role: Role }>(
-    `SELECT u.role FROM users u
-      WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL
-        AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)`,
+    ctx.authMethod === 'api_key'
+      ? `SELECT k.role FROM api_keys k
+          WHERE k.org_id = $1 AND k.id = $2 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+            AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = k.org_id AND o.deleted_at IS NULL)`
+      : `SELECT u.role FROM users u
+          WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL
+            AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)`,
     [ctx.orgId, ctx.userId],
   );
   const role = rows[0]?.role;
