@@ -223,35 +223,60 @@ check_eq "g) entries of Acme only, newest first" true \
 request GET /v1/audit-logs -H "x-org-id: $ACME_ORG" -H "x-user-id: 00000000-0000-0000-0001-000000000002"
 check_status "g) GET /v1/audit-logs as Acme member" 403
 
-# --- h) password sign-in and sessions --------------------------------------------
+# --- h) an API key ------------------------------------------------------------------
 
-section "h) POST /v1/auth/login, refresh, logout"
+section "h) API keys: create as Acme admin, call with Bearer, revoke"
+request POST /v1/api-keys "${AS_ACME_ADMIN[@]}" -H 'content-type: application/json' \
+  -d '{"name":"walkthrough key","role":"member"}'
+check_status "h) POST /v1/api-keys as Acme admin" 201
+KEY_SECRET=$(json 'b.secret')
+KEY_ID=$(json 'b.id')
+check_eq "h) the secret is llmk_ + 43 base62 characters" true "$(json '/^llmk_[0-9A-Za-z]{43}$/.test(b.secret)')"
+check_eq "h) the key is Acme's, role member" "$ACME_ORG member" "$(json 'b.orgId + " " + b.role')"
+AS_KEY=(-H "Authorization: Bearer $KEY_SECRET")
+request GET /v1/me "${AS_KEY[@]}"
+check_status "h) GET /v1/me with the key" 200
+check_eq "h) /v1/me is the key" "api_key $KEY_ID $ACME_ORG" "$(json 'b.type + " " + b.id + " " + b.orgId')"
+request GET "/v1/users/$TECH_FOUNDER" "${AS_KEY[@]}"
+check_status "h) other tenant's user with the key" 404
+request GET "/v1/api-keys?limit=100" "${AS_ACME_ADMIN[@]}"
+check_status "h) GET /v1/api-keys as Acme admin" 200
+check_eq "h) the list shows the key without its secret" true \
+  "$(json "b.data.some((k) => k.id === '$KEY_ID') && !JSON.stringify(b).includes('$KEY_SECRET'.slice(12))")"
+request DELETE "/v1/api-keys/$KEY_ID" "${AS_ACME_ADMIN[@]}"
+check_status "h) DELETE /v1/api-keys/<id> revokes it" 204
+request GET /v1/me "${AS_KEY[@]}"
+check_status "h) the revoked key" 401
+
+# --- i) password sign-in and sessions --------------------------------------------
+
+section "i) POST /v1/auth/login, refresh, logout"
 login_body='{"orgSlug":"acme-corp","email":"admin@acme.com","password":"acme-admin-dev-password"}'
 request POST /v1/auth/login -H 'content-type: application/json' -d "$login_body"
-check_status "h) login with the development password" 200
+check_status "i) login with the development password" 200
 ACCESS=$(json 'b.accessToken')
 REFRESH=$(json 'b.refreshToken')
-check_eq "h) tokenType" Bearer "$(json 'b.tokenType')"
-check_eq "h) refresh token format" true "$(json '/^llmr_[0-9A-Za-z]{43}$/.test(b.refreshToken)')"
+check_eq "i) tokenType" Bearer "$(json 'b.tokenType')"
+check_eq "i) refresh token format" true "$(json '/^llmr_[0-9A-Za-z]{43}$/.test(b.refreshToken)')"
 
 request GET /v1/me -H "Authorization: Bearer $ACCESS"
-check_status "h) GET /v1/me with the access token" 200
-check_eq "h) /v1/me as admin@acme.com" admin@acme.com "$(json 'b.email')"
+check_status "i) GET /v1/me with the access token" 200
+check_eq "i) /v1/me as admin@acme.com" admin@acme.com "$(json 'b.email')"
 
 request POST /v1/auth/refresh -H 'content-type: application/json' -d "{\"refreshToken\":\"$REFRESH\"}"
-check_status "h) refresh" 200
+check_status "i) refresh" 200
 ACCESS2=$(json 'b.accessToken')
 REFRESH2=$(json 'b.refreshToken')
-check_eq "h) a new refresh token" true "$([[ $REFRESH2 != "$REFRESH" ]] && echo true || echo false)"
+check_eq "i) a new refresh token" true "$([[ $REFRESH2 != "$REFRESH" ]] && echo true || echo false)"
 
 request POST /v1/auth/logout -H 'content-type: application/json' -d "{\"refreshToken\":\"$REFRESH2\"}"
-check_status "h) logout" 204
+check_status "i) logout" 204
 request GET /v1/me -H "Authorization: Bearer $ACCESS2"
-check_status "h) the access token after logout" 401
+check_status "i) the access token after logout" 401
 
 request POST /v1/auth/login -H 'content-type: application/json' \
   -d '{"orgSlug":"acme-corp","email":"nobody@acme.com","password":"not-a-password-at-all"}'
-check_status "h) login with an unknown email" 401
+check_status "i) login with an unknown email" 401
 
 # --- summary -------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import { registerErrorHandling, sendError, toAppError } from './middleware/error
 import { registerAuthentication, requireContext } from './middleware/authenticate.js';
 import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
+import { apiKeyRoutes } from './routes/apiKeys.route.js';
 import { auditRoutes } from './routes/audit.route.js';
 import { authRoutes } from './routes/auth.route.js';
 import { healthRoutes } from './routes/health.route.js';
@@ -29,6 +30,10 @@ import { registerIpLimit, registerOrgLimit, type RateLimiter } from './ratelimit
 import { AppError } from './errors.js';
 import underPressure from '@fastify/under-pressure';
 import './types/context.js';
+
+// An API key a client put in a URL by mistake does not reach the access log either.
+const KEY_IN_URL = /llmk_[0-9A-Za-z]*/g;
+const redactKeys = (url: string): string => (url.includes('llmk_') ? url.replace(KEY_IN_URL, 'llmk_[redacted]') : url);
 
 export interface AppDeps {
   config: Config;
@@ -101,7 +106,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   if (config.accessLog) {
     app.addHook('onResponse', (request, reply, done) => {
       request.log.info(
-        { method: request.method, url: request.url, statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
+        { method: request.method, url: redactKeys(request.url), statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
         'request completed',
       );
       done();
@@ -109,6 +114,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   }
   registerIpLimit(app, limiter, config);
   const bearer = await createBearerMethods({ config, db, auth, log, limiter });
+  app.decorate('bearerMethods', bearer);
   app.addHook('onClose', () => bearer.close());
   registerAuthentication(app, auth, config.auth, bearer.methods);
   registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
@@ -157,6 +163,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
         await tenant.register(userRoutes, { db, auth });
         await tenant.register(usageRoutes, { config, limiter });
         await tenant.register(auditRoutes, { db });
+        await tenant.register(apiKeyRoutes, { db, auth });
         if (bearer.sessions) await tenant.register(passwordRoutes, { sessions: bearer.sessions });
       });
     },

@@ -169,6 +169,34 @@ describe('AuthCache against the database', () => {
     expect(cache.peek(t.org.id, t.member.id)).toMatchObject({ user: null });
   });
 
+  it('a lookup keyed by another id than its subject (an API key by its hash) is not joined after its subject changed', async () => {
+    const t = await createTenant();
+    const alias = 'hash-of-a-credential';
+    let release: () => void = () => undefined;
+    let reached: () => void = () => undefined;
+    const atGate = new Promise<void>((r) => (reached = r));
+    const gate = new Promise<void>((r) => (release = r));
+    let gated = true;
+    const counter = countingLoader(db, async () => {
+      if (!gated) return;
+      gated = false;
+      reached();
+      await gate;
+    });
+    // The key is the alias; the answer depends on the member it names.
+    const cache = new AuthCache((orgId: string) => counter.load(orgId, t.member.id), OPTS);
+    const early = cache.lookup(t.org.id, alias);
+    await atGate;
+    await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [t.member.id]);
+    cache.invalidate({ kind: 'user', id: t.member.id });
+    const late = cache.lookup(t.org.id, alias); // joins, then finds its answer stale and asks again
+    release();
+    expect((await early).user?.id).toBe(t.member.id);
+    expect((await late).user).toBeNull();
+    expect(counter.calls).toBe(2);
+    expect(cache.peek(t.org.id, alias)).toMatchObject({ user: null });
+  });
+
   it('without invalidation, nothing is served longer than the TTL', async () => {
     const t = await createTenant();
     const cache = new AuthCache(countingLoader(db).load, { ...OPTS, ttlMs: 300 });

@@ -8,6 +8,7 @@ import { recordAuditEvent, SYSTEM_ACTOR } from '../src/models/audit.model.js';
 import { createSession } from '../src/models/session.model.js';
 import { setOrgLimitOverrides } from '../src/models/orgLimits.model.js';
 import { addUsage } from '../src/models/usage.model.js';
+import { insertApiKey } from './helpers/apiKeys.js';
 import { createTenant, type TestTenant } from './helpers/app.js';
 import { tenantTables } from './helpers/catalog.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
@@ -26,11 +27,12 @@ let tables: string[];
 const ident = (name: string) => pg.escapeIdentifier(name);
 const orgColumn = (table: string) => (table === 'orgs' ? 'id' : 'org_id');
 
-/** Rows in every tenant table for one org: users (createTenant, one with a password), limits, usage, audit entries, sessions. */
+/** Rows in every tenant table for one org: users (createTenant, one with a password), limits, usage, audit entries, API keys, sessions. */
 async function fillEveryTable(t: TestTenant): Promise<void> {
   await setOrgLimitOverrides(db, t.org.id, { orgBurst: 7 });
   await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
   await recordAuditEvent(db, t.org.id, { action: 'auth.failed', actor: SYSTEM_ACTOR });
+  await insertApiKey(db, t.org.id, 'admin', t.owner.id);
   const passwordHash = await hashPassword(`fill-${randomUUID()}`);
   await db.query('UPDATE users SET password_hash = $3 WHERE org_id = $1 AND id = $2', [t.org.id, t.member.id, passwordHash]);
   const meta = { requestId: 'fill', ip: '127.0.0.1', userAgent: null };
@@ -131,6 +133,25 @@ describe('row-level security at the database layer', () => {
     );
     expect(changed).toBe(0);
     expect((await db.query('SELECT * FROM users WHERE org_id = $1 ORDER BY id', [a.org.id])).rows).toEqual(before.rows);
+  });
+
+  it("as org B's tenant, revoking org A's keys changes nothing; a tenant may change nothing of a key but revoked_at, and delete none", async () => {
+    const revoked = await withTenant(
+      db,
+      b.org.id,
+      async (tx) => (await tx.query('UPDATE api_keys SET revoked_at = now() WHERE org_id = $1', [a.org.id])).rowCount,
+    );
+    expect(revoked).toBe(0);
+    expect((await db.query('SELECT 1 FROM api_keys WHERE org_id = $1 AND revoked_at IS NOT NULL', [a.org.id])).rowCount).toBe(0);
+    for (const sql of [
+      "UPDATE api_keys SET role = 'owner' WHERE org_id = $1",
+      'UPDATE api_keys SET secret_hash = sha256(secret_hash) WHERE org_id = $1',
+      'UPDATE api_keys SET last_used_at = now() WHERE org_id = $1',
+      'DELETE FROM api_keys WHERE org_id = $1',
+    ]) {
+      const err = await withTenant(db, a.org.id, (tx) => tx.query(sql, [a.org.id])).catch((e: unknown) => e);
+      expect({ sql, err }).toMatchObject({ sql, err: { code: '42501' } });
+    }
   });
 
   it('the tenant role may read and append audit entries of its org, never change or remove them', async () => {

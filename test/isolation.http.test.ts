@@ -6,8 +6,9 @@ import type { Database } from '../src/infra/database.js';
 import { setOrgLimitOverrides } from '../src/models/orgLimits.model.js';
 import { addUsage } from '../src/models/usage.model.js';
 import type { Role } from '../src/types/context.js';
-import { buildTestApp, createTenant, type TestTenant, type TestUser } from './helpers/app.js';
-import { setPassword } from './helpers/sessions.js';
+import { insertApiKey } from './helpers/apiKeys.js';
+import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
+import { bearer, SESSION_ENV, sessionToken, setPassword } from './helpers/sessions.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
 
 /**
@@ -20,18 +21,28 @@ let app: FastifyInstance;
 let db: Database;
 let a: TestTenant;
 let b: TestTenant;
-/** Every id org A has: its org, users, audit entries. */
+/** B's callers with API keys of each role (besides its users with the development headers). */
+let bKeys: Record<Role, Caller>;
+/** B's users with access tokens of password sessions. */
+let bSessions: Record<Role, Caller>;
+/** Every id org A has: its org, users, audit entries, API keys, sessions. */
 let aIds: string[];
 /** Every string that would betray org A in a response. */
 let aSecrets: string[];
 
 const ROLES: Role[] = ['owner', 'admin', 'member'];
 const userCursor = (id: string) => Buffer.from(`u1:${id}`).toString('base64url');
+const keyCursor = (id: string) => Buffer.from(`k1:${id}`).toString('base64url');
+
+/** Whoever calls: a user (development headers) or an API key (Authorization). */
+interface Caller {
+  headers: Record<string, string>;
+}
 const newEmail = () => `iso-${randomBytes(5).toString('hex')}@example.test`;
 
 interface RouteCase {
   /** The request as `caller`, with `id` wherever the route takes an id (path, cursor, filter, body). */
-  request(caller: TestUser, id: string): InjectOptions;
+  request(caller: Caller, id: string): InjectOptions;
   /** What must be equal between an answer to A's id and one to a random id. */
   comparable(res: LightMyRequestResponse): unknown;
 }
@@ -43,7 +54,7 @@ function sameAnswer(res: LightMyRequestResponse): unknown {
   return { status: res.statusCode, body };
 }
 
-const get = (url: string) => (caller: TestUser): InjectOptions => ({ method: 'GET', url, headers: caller.headers });
+const get = (url: string) => (caller: Caller): InjectOptions => ({ method: 'GET', url, headers: caller.headers });
 
 // Keyed "METHOD openapi-path".
 const CASES: Record<string, RouteCase> = {
@@ -73,6 +84,16 @@ const CASES: Record<string, RouteCase> = {
     request: (c, id) => get(`/v1/audit-logs?actorId=${id}`)(c),
     comparable: sameAnswer,
   },
+  'GET /v1/api-keys': { request: (c, id) => get(`/v1/api-keys?cursor=${keyCursor(id)}`)(c), comparable: sameAnswer },
+  'POST /v1/api-keys': {
+    // No id to give: what matters is whose key it makes.
+    request: (c) => ({ method: 'POST', url: '/v1/api-keys', headers: c.headers, payload: { name: 'iso key', role: 'member' } }),
+    comparable: (res) => ({ status: res.statusCode, orgId: res.statusCode === 201 ? res.json<{ orgId: string }>().orgId : null }),
+  },
+  'DELETE /v1/api-keys/{id}': {
+    request: (c, id) => ({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: c.headers }),
+    comparable: sameAnswer,
+  },
   // Sign-in to B with the email of A's user (the id slot is an email here): the answer of an unknown email.
   'POST /v1/auth/login': {
     request: (_c, email) => ({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: b.org.slug, email, password: 'not-the-password-1' } }),
@@ -86,7 +107,7 @@ const CASES: Record<string, RouteCase> = {
     request: (_c, id) => ({ method: 'POST', url: '/v1/auth/logout', payload: { refreshToken: refreshTokenFrom(id) } }),
     comparable: sameAnswer,
   },
-  // The caller's own password (B's users have one): a wrong current password, whatever the id.
+  // The caller's own password (B's users have one; a key has none): refused, whatever the id.
   'PUT /v1/me/password': {
     request: (c, id) => ({ method: 'PUT', url: '/v1/me/password', headers: c.headers, payload: { currentPassword: `not-it-${id}`, newPassword: `fresh-${id}` } }),
     comparable: sameAnswer,
@@ -102,8 +123,9 @@ async function snapshotA(): Promise<unknown[]> {
   const users = await db.query('SELECT * FROM users WHERE org_id = $1 ORDER BY id', [a.org.id]);
   const org = await db.query('SELECT * FROM orgs WHERE id = $1', [a.org.id]);
   const audit = await db.query('SELECT id, seq, hash FROM audit_logs WHERE org_id = $1 ORDER BY seq', [a.org.id]);
+  const keys = await db.query('SELECT * FROM api_keys WHERE org_id = $1 ORDER BY id', [a.org.id]);
   const sessions = await db.query('SELECT * FROM sessions WHERE org_id = $1 ORDER BY id', [a.org.id]);
-  return [users.rows, org.rows, audit.rows, sessions.rows];
+  return [users.rows, org.rows, audit.rows, keys.rows, sessions.rows];
 }
 
 function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): void {
@@ -115,29 +137,48 @@ function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): v
 
 beforeAll(async () => {
   db = await getTestDb();
-  app = await buildTestApp({ db });
+  app = await buildTestApp({ db, env: SESSION_ENV });
   a = await createTenant(db);
   b = await createTenant(db);
   for (const t of [a, b]) {
-    // Rows in every tenant table: users (above), limits, usage, audit entries (from the API).
+    // Rows in every tenant table: users (above), limits, usage, audit entries and API keys (from the API).
     await setOrgLimitOverrides(db, t.org.id, { orgBurst: 500 });
     await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
     const res = await app.inject({ method: 'POST', url: '/v1/users', headers: t.owner.headers, payload: { email: newEmail() } });
     expect(res.statusCode).toBe(201);
     await app.inject({ method: 'POST', url: '/v1/users', headers: t.member.headers, payload: { email: newEmail() } }); // 403, audited
-    // A user with a password and a session (sessions rows).
-    for (const u of [t.owner, t.admin, t.member]) await setPassword(db, u, `${t.org.slug}-password`);
-    const signIn = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: t.org.slug, email: t.member.email, password: `${t.org.slug}-password` } });
+    for (const role of ROLES) {
+      const key = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: t.owner.headers, payload: { name: `iso-${randomBytes(5).toString('hex')}`, role } });
+      expect(key.statusCode).toBe(201);
+    }
+    // A user with a password, signed in (sessions rows).
+    const password = `${t.org.slug}-password`;
+    await setPassword(db, t.member, password);
+    const signIn = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: t.org.slug, email: t.member.email, password } });
     expect(signIn.statusCode).toBe(200);
   }
+  const keyCallers: Partial<Record<Role, Caller>> = {};
+  for (const role of ROLES) keyCallers[role] = { headers: (await insertApiKey(db, b.org.id, role, b.owner.id)).headers };
+  bKeys = keyCallers as Record<Role, Caller>;
+  const sessionCallers: Partial<Record<Role, Caller>> = {};
+  for (const role of ROLES) sessionCallers[role] = { headers: bearer(await sessionToken(db, b[role])) };
+  bSessions = sessionCallers as Record<Role, Caller>;
   await app.refusalAudit.settled();
   const users = await db.query<{ id: string; email: string }>('SELECT id, email FROM users WHERE org_id = $1', [a.org.id]);
   const audit = await db.query<{ id: string }>('SELECT id FROM audit_logs WHERE org_id = $1', [a.org.id]);
+  const keys = await db.query<{ id: string; name: string; prefix: string }>('SELECT id, name, prefix FROM api_keys WHERE org_id = $1', [a.org.id]);
   expect(audit.rows.length).toBeGreaterThanOrEqual(3);
+  expect(keys.rows.length).toBe(3);
   const sessions = await db.query<{ id: string; session_id: string }>('SELECT id, session_id FROM sessions WHERE org_id = $1', [a.org.id]);
   expect(sessions.rows.length).toBe(1);
-  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id), ...sessions.rows.flatMap((r) => [r.id, r.session_id])];
-  aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug];
+  aIds = [
+    a.org.id,
+    ...users.rows.map((u) => u.id),
+    ...audit.rows.map((r) => r.id),
+    ...keys.rows.map((k) => k.id),
+    ...sessions.rows.flatMap((r) => [r.id, r.session_id]),
+  ];
+  aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug, ...keys.rows.flatMap((k) => [k.name, k.prefix])];
 });
 afterAll(() => app.close());
 
@@ -152,10 +193,12 @@ describe('every /v1 route, called as org B with org A ids', () => {
   });
 
   it('lists of org B contain nothing of org A (before B creates users with the addresses of A\u2019s)', async () => {
-    for (const url of ['/v1/users?limit=100', '/v1/audit-logs?limit=100', '/v1/me', '/v1/org', '/v1/org/usage']) {
-      const res = await app.inject({ method: 'GET', url, headers: b.owner.headers });
-      expect({ url, status: res.statusCode }).toEqual({ url, status: 200 });
-      expectNothingOfA(res);
+    for (const url of ['/v1/users?limit=100', '/v1/audit-logs?limit=100', '/v1/api-keys?limit=100', '/v1/me', '/v1/org', '/v1/org/usage']) {
+      for (const caller of [b.owner, bKeys.owner, bSessions.owner]) {
+        const res = await app.inject({ method: 'GET', url, headers: caller.headers });
+        expect({ url, status: res.statusCode }).toEqual({ url, status: 200 });
+        expectNothingOfA(res);
+      }
     }
   });
 
@@ -169,11 +212,14 @@ describe('every /v1 route, called as org B with org A ids', () => {
         fc.uuid(),
         fc.constantFrom(...ROLES),
         fc.constantFrom(...aEmails),
-        async (route, aId, randomId, role, aEmail) => {
+        fc.constantFrom('headers', 'key', 'session'),
+        async (route, aId, randomId, role, aEmail, how) => {
           const c = CASES[route]!;
           const isPost = EMAIL_ROUTES.has(route);
-          const foreign = await app.inject(c.request(b[role], isPost ? aEmail : aId));
-          const random = await app.inject(c.request(b[role], isPost ? newEmail() : randomId.toLowerCase()));
+          // B's user with the development headers or an access token, or B's API key of the same role.
+          const caller = how === 'key' ? bKeys[role] : how === 'session' ? bSessions[role] : b[role];
+          const foreign = await app.inject(c.request(caller, isPost ? aEmail : aId));
+          const random = await app.inject(c.request(caller, isPost ? newEmail() : randomId.toLowerCase()));
           expect(c.comparable(foreign)).toEqual(c.comparable(random));
           expect(foreign.statusCode).toBeLessThan(500);
           expectNothingOfA(foreign, isPost ? [aEmail] : []);
@@ -185,7 +231,7 @@ describe('every /v1 route, called as org B with org A ids', () => {
           }
         },
       ),
-      { numRuns: 120 },
+      { numRuns: 200 },
     );
     expect(await snapshotA()).toEqual(before);
   });
@@ -224,6 +270,7 @@ describe('a pool of one connection, serving org A and org B in turn', () => {
         { method: 'GET', url: '/v1/me', headers: caller.headers },
         { method: 'GET', url: '/v1/org', headers: caller.headers },
         { method: 'GET', url: '/v1/audit-logs?limit=100', headers: caller.headers },
+        { method: 'GET', url: '/v1/api-keys?limit=100', headers: caller.headers },
         { method: 'GET', url: `/v1/users/${other.owner.id}`, headers: caller.headers },
         ...(i % 6 === 0 ? [{ method: 'POST' as const, url: '/v1/users', headers: caller.headers, payload: { email: newEmail() } }] : []),
       ];
@@ -232,7 +279,7 @@ describe('a pool of one connection, serving org A and org B in turn', () => {
         const label = `${call.method} ${call.url} as ${me === a ? 'A' : 'B'}`;
         expect({ label, status: res.statusCode }).toEqual({ label, status: call.url.startsWith('/v1/users/') ? 404 : call.method === 'POST' ? 201 : 200 });
         expect({ label, leaks: res.body.includes(other.org.id) || res.body.includes(other.owner.id) }).toEqual({ label, leaks: false });
-        if (call.url.startsWith('/v1/users?')) {
+        if (call.url.startsWith('/v1/users?') || call.url.startsWith('/v1/api-keys?')) {
           const orgs = new Set(res.json<{ data: { orgId: string }[] }>().data.map((u) => u.orgId));
           expect([...orgs]).toEqual([me.org.id]);
         }

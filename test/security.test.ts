@@ -4,35 +4,51 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SEED } from '../src/db/seed.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
-import { describeTenantRouteSecurity, expectError } from './helpers/securitySuite.js';
+import { API_KEY_SCHEME, insertApiKey } from './helpers/apiKeys.js';
+import { SESSION_SCHEME } from './helpers/sessions.js';
+import { describeTenantRouteSecurity, expectError, FAKE_SCHEME, type TenantRouteSpec } from './helpers/securitySuite.js';
 
 const newUserBody = () => ({ email: `sec-${randomBytes(5).toString('hex')}@example.test`, name: 'Security Test' });
 
-// Every tenant route, with the lowest role allowed to call it.
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/me', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/users', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 });
-describeTenantRouteSecurity({ method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 });
-// A first password (the callers here have none yet).
-describeTenantRouteSecurity({ method: 'PUT', url: () => '/v1/me/password', body: () => ({ newPassword: `sec-${randomBytes(9).toString('hex')}` }), okStatus: 204 });
-describeTenantRouteSecurity({
-  method: 'PATCH',
-  url: ({ id }) => `/v1/users/${id}`,
-  takesId: true,
-  body: () => ({ name: 'Renamed', role: 'admin' }),
-  minRole: 'admin',
-  okStatus: 200,
-});
-describeTenantRouteSecurity({
-  method: 'DELETE',
-  url: ({ id }) => `/v1/users/${id}`,
-  takesId: true,
-  minRole: 'admin',
-  okStatus: 204,
-});
+// Every tenant route, with the lowest role allowed to call it, as every authentication method.
+const ROUTES: TenantRouteSpec[] = [
+  { method: 'GET', url: () => '/v1/me', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/org', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/users', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 },
+  { method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 },
+  { method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 },
+  {
+    method: 'PATCH',
+    url: ({ id }) => `/v1/users/${id}`,
+    takesId: true,
+    body: () => ({ name: 'Renamed', role: 'admin' }),
+    minRole: 'admin',
+    okStatus: 200,
+  },
+  { method: 'DELETE', url: ({ id }) => `/v1/users/${id}`, takesId: true, minRole: 'admin', okStatus: 204 },
+  { method: 'GET', url: () => '/v1/api-keys', minRole: 'admin', okStatus: 200 },
+  { method: 'POST', url: () => '/v1/api-keys', body: () => ({ name: 'Security test key', role: 'member' }), minRole: 'admin', okStatus: 201 },
+  {
+    method: 'DELETE',
+    url: ({ id }) => `/v1/api-keys/${id}`,
+    takesId: true,
+    minRole: 'admin',
+    okStatus: 204,
+    makeTarget: async (t) => (await insertApiKey(await getTestDb(), t.org.id, 'member', t.owner.id)).id,
+  },
+];
+
+for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, SESSION_SCHEME]) {
+  for (const route of ROUTES) describeTenantRouteSecurity(route, scheme);
+}
+// A first password, set by a user signed in another way (an API key has none; a session's user
+// has one already, so needs currentPassword: test/auth/sessions.test.ts).
+describeTenantRouteSecurity(
+  { method: 'PUT', url: () => '/v1/me/password', body: () => ({ newPassword: `sec-${randomBytes(9).toString('hex')}` }), okStatus: 204 },
+  FAKE_SCHEME,
+);
 
 describe('fake auth on the public GET /health', () => {
   let app: FastifyInstance;

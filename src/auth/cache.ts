@@ -175,7 +175,12 @@ export class AuthCache<V = AuthLookup> {
     // the TTL (older invalidations are forgotten, so its epoch would prove nothing).
     if (flying && flying.epoch >= this.lastInvalidation(orgId, userId) && now - flying.startedAt < this.opts.ttlMs) {
       this.counts.coalesced++;
-      return flying.promise;
+      // The key's own id may not be the subject its answer depends on (an API key is cached by
+      // its hash, and invalidated by its id): once the answer is known, check that too, and look
+      // again if it changed while the query ran.
+      return flying.promise.then((value) =>
+        this.isStale({ value, epoch: flying.epoch }, orgId, userId) ? this.lookup(orgId, userId) : value,
+      );
     }
     const epoch = this.epoch;
     this.counts.loads++;

@@ -7,6 +7,8 @@ import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import type { BearerMethods } from '../middleware/authenticate.js';
 import type { RateLimiter } from '../ratelimit/index.js';
+import type { AuthMethod } from '../types/authMethods.js';
+import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
 import { createSessionAuth, type SessionAuth } from './sessions.js';
 
@@ -23,21 +25,44 @@ export interface RunningMethods {
   methods: BearerMethods;
   /** Password sign-in and its sessions (the routes of /v1/auth); null when `password` is off. */
   sessions: SessionAuth | null;
+  /** Writes now what the methods batch in memory (API keys' last use). */
+  flush(): Promise<void>;
   /** Stops what the methods run in the background (batched writes, key refreshes). */
   close(): Promise<void>;
+}
+
+declare module 'fastify' {
+  interface FastifyInstance {
+    /** The running bearer methods (tests flush their batches through it). */
+    bearerMethods: RunningMethods;
+  }
 }
 
 export async function createBearerMethods(deps: AuthMethodDeps): Promise<RunningMethods> {
   const methods: BearerMethods = {};
   const closers: (() => Promise<void>)[] = [];
+  const flushers: (() => Promise<void>)[] = [];
+  const on = (m: AuthMethod) => deps.config.auth.methods.includes(m);
+
+  if (on('api_key')) {
+    const apiKeys = createApiKeyMethod({ ...deps, flushIntervalMs: deps.config.rateLimit.usageFlushIntervalMs });
+    methods.apiKey = apiKeys.resolve;
+    flushers.push(() => apiKeys.flush());
+    closers.push(() => apiKeys.close());
+  }
+
   let sessions: SessionAuth | null = null;
-  if (deps.config.auth.methods.includes('password') && deps.config.auth.jwt) {
+  if (on('password') && deps.config.auth.jwt) {
     sessions = createSessionAuth(deps);
     methods.session = { issuer: sessions.issuer, resolve: sessions.resolve };
   }
+
   return {
     methods,
     sessions,
+    async flush() {
+      await Promise.all(flushers.map((f) => f()));
+    },
     async close() {
       await Promise.allSettled(closers.map((c) => c()));
     },

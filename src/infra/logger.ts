@@ -8,7 +8,16 @@ export function loggerOptions(config: Pick<Config, 'logLevel' | 'logFormat'>): L
     level: config.logLevel,
     // Headers that carry credentials are cut out of any logged request object.
     redact: {
-      paths: ['req.headers.authorization', 'req.headers.cookie', 'req.headers["x-api-key"]', '*.password', '*.token'],
+      paths: [
+        'req.headers.authorization',
+        'req.headers.cookie',
+        'req.headers["x-api-key"]',
+        // Headers logged under another name (a request's headers, a client's options...).
+        'headers.authorization',
+        '*.headers.authorization',
+        '*.password',
+        '*.token',
+      ],
       censor: '[redacted]',
     },
     ...(config.logFormat === 'pretty'

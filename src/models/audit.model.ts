@@ -23,6 +23,8 @@ export const AUDIT_ACTIONS = [
   'session.revoked',
   'session.reuse_detected',
   'org_limits.changed',
+  'api_key.created',
+  'api_key.revoked',
   'auth.failed',
   'access.denied',
 ] as const;

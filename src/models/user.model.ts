@@ -114,6 +114,13 @@ export interface UserPage {
   nextCursor: string | null;
 }
 
+/** A page of an org's live users after an optional anchor ($2), in creation order. Exported for bench/rls.ts. */
+export const USERS_PAGE_SQL = `SELECT ${COLUMNS} FROM users
+      WHERE org_id = $1 AND deleted_at IS NULL
+        AND ($2::uuid IS NULL OR seq > (SELECT a.seq FROM users a WHERE a.org_id = $1 AND a.id = $2::uuid))
+      ORDER BY seq
+      LIMIT $3`;
+
 /**
  * Keyset pagination in creation order. The cursor is opaque to clients; it names the last user
  * of the previous page (and nothing else: not a count or a sequence number that would say how
@@ -126,17 +133,7 @@ export async function listUsersInOrg(
 ): Promise<UserPage> {
   const afterId = opts.cursor ? decodeCursor(opts.cursor) : null;
   // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
-  const { rows } = await queryAsTenant<UserRow>(
-    db,
-    orgId,
-    `SELECT ${COLUMNS} FROM users
-      WHERE org_id = $1 AND deleted_at IS NULL
-        AND ($2::uuid IS NULL OR seq > (SELECT a.seq FROM users a WHERE a.org_id = $1 AND a.id = $2::uuid))
-      ORDER BY seq
-      LIMIT $3`,
-    [orgId, afterId, opts.limit + 1],
-    'users_page',
-  );
+  const { rows } = await queryAsTenant<UserRow>(db, orgId, USERS_PAGE_SQL, [orgId, afterId, opts.limit + 1], 'users_page');
   // An empty page after a cursor: the end of the list, or a cursor that names no user of this
   // org (seq > NULL matches nothing). Only then is a second look needed.
   if (afterId && rows.length === 0) {
@@ -179,16 +176,21 @@ const insufficientRole = (what: string) => new AppError('forbidden', `Your role 
  * Serialises changes within one org (so two concurrent demotions cannot remove both owners, and
  * the audit chain gets one writer at a time) and returns the caller's role as it is now, under
  * the lock: a caller demoted or deleted while the request was on its way acts with what they
- * have now, not what they had at authentication.
+ * have now, not what they had at authentication. An API key caller acts with its key's role,
+ * while the key is neither revoked nor expired.
  */
-async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promise<Role> {
+export async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promise<Role> {
   await tx.query('SELECT lock_org($1)', [ctx.orgId]);
   // A separate statement on purpose: under READ COMMITTED it takes a new snapshot, so it sees
   // what a transaction that held the lock before us committed.
   const { rows } = await tx.query<{ role: Role }>(
-    `SELECT u.role FROM users u
-      WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL
-        AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)`,
+    ctx.authMethod === 'api_key'
+      ? `SELECT k.role FROM api_keys k
+          WHERE k.org_id = $1 AND k.id = $2 AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now())
+            AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = k.org_id AND o.deleted_at IS NULL)`
+      : `SELECT u.role FROM users u
+          WHERE u.org_id = $1 AND u.id = $2 AND u.deleted_at IS NULL
+            AND EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)`,
     [ctx.orgId, ctx.userId],
   );
   const role = rows[0]?.role;

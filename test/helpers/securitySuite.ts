@@ -3,10 +3,11 @@ import { STATUS_CODES } from 'node:http';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ErrorCode } from '../../src/errors.js';
+import type { AuthMethod } from '../../src/types/authMethods.js';
 import type { Database } from '../../src/infra/database.js';
 import { softDeleteOrg } from '../../src/models/org.model.js';
 import { ROLES, type Role } from '../../src/types/context.js';
-import { buildTestApp, createTenant, type TestTenant } from './app.js';
+import { buildTestApp, createTenant, type TestTenant, type TestUser } from './app.js';
 import { getTestDb } from './db.js';
 
 /**
@@ -105,15 +106,50 @@ export async function snapshotOrg(db: Database, orgId: string): Promise<Record<s
   return rows[0];
 }
 
-type Headers = Record<string, string | string[]>;
+export type Headers = Record<string, string | string[]>;
+
+/**
+ * One way of authenticating, as the suite sees it: how to call as a given user, which credentials
+ * of this method must be refused, and how to make a working credential stop working. The suite
+ * runs once per scheme (test/security.test.ts), so every route is refused the same way whatever
+ * the method.
+ */
+export interface AuthScheme {
+  readonly method: AuthMethod;
+  /** Server environment for this scheme (AUTH_METHODS and what the method needs). */
+  env?(): Record<string, string>;
+  /** Headers that authenticate as `user` (for API keys: a key of the user's org with the user's role). */
+  as(user: TestUser, db: Database): Promise<Headers>;
+  /** Credentials of this method that must get 401: unknown, malformed, expired, wrongly signed... */
+  refused(tenant: TestTenant, db: Database): Promise<{ what: string; headers: Headers }[]>;
+  /** Makes a credential made by `as(user)` stop working (revoked key, deleted user, ended session). */
+  revoke(user: TestUser, headers: Headers, db: Database): Promise<void>;
+  /** Called once after the suite (servers the scheme started...). */
+  close?(): Promise<void>;
+}
+
+/** The development headers: x-org-id and x-user-id. */
+export const FAKE_SCHEME: AuthScheme = {
+  method: 'fake',
+  as: async (user) => user.headers,
+  refused: async (t) => [
+    { what: 'unknown user id in a real org', headers: { 'x-org-id': t.org.id, 'x-user-id': randomUUID() } },
+    { what: 'unknown org id with a real user', headers: { 'x-org-id': randomUUID(), 'x-user-id': t.owner.id } },
+    { what: 'unknown org and unknown user', headers: { 'x-org-id': randomUUID(), 'x-user-id': randomUUID() } },
+  ],
+  revoke: async (user, _headers, db) => {
+    await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [user.id]);
+  },
+};
 
 const roleRank = (r: Role) => ROLES.length - ROLES.indexOf(r); // owner 3, admin 2, member 1
 
-export function describeTenantRouteSecurity(route: TenantRouteSpec): void {
+export function describeTenantRouteSecurity(route: TenantRouteSpec, scheme: AuthScheme = FAKE_SCHEME): void {
   const minRole = route.minRole ?? 'member';
   const title = route.title ?? `${route.method} ${route.url({ id: ':id' })}`;
+  const fake = scheme.method === 'fake';
 
-  describe(`security: ${title}`, () => {
+  describe(`security (${scheme.method}): ${title}`, () => {
     let app: FastifyInstance;
     let db: Database;
     /** The caller's tenant. */
@@ -148,107 +184,129 @@ export function describeTenantRouteSecurity(route: TenantRouteSpec): void {
       return body;
     }
 
+    /** Credentials of every role of a tenant, made once. */
+    const credentials = new Map<TestUser, Headers>();
+    const as = async (user: TestUser): Promise<Headers> => {
+      let h = credentials.get(user);
+      if (!h) {
+        h = await scheme.as(user, db);
+        credentials.set(user, h);
+      }
+      return h;
+    };
+
     beforeAll(async () => {
       db = await getTestDb();
-      app = await buildTestApp({ db });
+      app = await buildTestApp({ db, env: scheme.env?.() ?? {} });
       a = await createTenant(db);
       b = await createTenant(db);
       gone = await createTenant(db);
       goneTarget = await makeTarget(gone);
+      // Made while the org is live: a credential must stop working when its org goes.
+      for (const t of [a, b, gone]) for (const user of [t.owner, t.admin, t.member]) await as(user);
       expect(await softDeleteOrg(db, gone.org.id)).toBe(true);
     });
     afterAll(async () => {
       await app.close();
+      await scheme.close?.();
     });
 
     it(`lets ${minRole === 'admin' ? 'an' : 'a'} ${minRole} through (${route.okStatus}), so the refusals below are not vacuous`, async () => {
-      const caller = a[minRole];
-      const res = await send(caller.headers, await makeTarget(a));
+      const res = await send(await as(a[minRole]), await makeTarget(a));
       expect({ status: res.statusCode, body: res.body }).toMatchObject({ status: route.okStatus });
     });
 
-    it('no auth headers: 401 unauthorized', async () => {
-      await expectRefused({}, 401, 'unauthorized');
+    it('no credentials: 401 unauthorized', async () => {
+      const body = await expectRefused({}, 401, 'unauthorized');
+      expect(body.message).toContain('Authentication required');
     });
 
-    it('only x-org-id: 400 bad_request naming x-user-id', async () => {
-      const body = await expectRefused({ 'x-org-id': a.org.id }, 400, 'bad_request');
-      expect(body.message).toContain('x-user-id');
-      expect(body.details).toEqual([{ field: 'headers.x-user-id', message: expect.any(String) }]);
+    it('refused credentials of this method: 401 unauthorized, with WWW-Authenticate', async () => {
+      const cases = await scheme.refused(a, db);
+      expect(cases.length).toBeGreaterThan(0);
+      for (const { what, headers } of cases) {
+        const id = await makeTarget(a);
+        const res = await send(headers, id);
+        expect({ what, status: res.statusCode }).toEqual({ what, status: 401 });
+        expectError(res, 401, 'unauthorized');
+        expect(res.headers['www-authenticate']).toMatch(/^Bearer realm="llm-app"/);
+      }
     });
 
-    it('only x-user-id: 400 bad_request naming x-org-id', async () => {
-      const body = await expectRefused({ 'x-user-id': a.owner.id }, 400, 'bad_request');
-      expect(body.message).toContain('x-org-id');
-      expect(body.details).toEqual([{ field: 'headers.x-org-id', message: expect.any(String) }]);
+    it('a credential that stopped working (revoked, deleted user, ended session): 401 unauthorized', async () => {
+      const user = await a.addUser(minRole);
+      const headers = await scheme.as(user, db);
+      expect((await send(headers, await makeTarget(a))).statusCode).toBe(route.okStatus);
+      await scheme.revoke(user, headers, db);
+      await app.authenticator.sync();
+      await expectRefused(headers, 401, 'unauthorized');
     });
 
-    const malformed = [
-      ['not a UUID', 'not-a-uuid'],
-      ['empty', ''],
-      ['too short', '00000000-0000-0000-0000-00000000001'],
-      ['one character too many', '00000000-0000-0000-0000-0000000000011'],
-      ['a UUID without dashes', '00000000000000000000000000000001'],
-      ['SQL-looking', "' OR '1'='1"],
-      ['braced', '{00000000-0000-0000-0000-000000000001}'],
-    ] as const;
-    for (const header of ['x-org-id', 'x-user-id'] as const) {
-      for (const [what, value] of malformed) {
-        it(`malformed ${header} (${what}): 400 bad_request naming ${header}`, async () => {
-          const headers = { ...a.owner.headers, [header]: value };
-          const body = await expectRefused(headers, 400, 'bad_request');
-          expect(body.message).toContain(header);
+    if (fake) describeHeaderRefusals();
+
+    /** The development headers' own refusals: half, malformed or duplicated headers, another org. */
+    function describeHeaderRefusals(): void {
+      it('only x-org-id: 400 bad_request naming x-user-id', async () => {
+        const body = await expectRefused({ 'x-org-id': a.org.id }, 400, 'bad_request');
+        expect(body.message).toContain('x-user-id');
+        expect(body.details).toEqual([{ field: 'headers.x-user-id', message: expect.any(String) }]);
+      });
+
+      it('only x-user-id: 400 bad_request naming x-org-id', async () => {
+        const body = await expectRefused({ 'x-user-id': a.owner.id }, 400, 'bad_request');
+        expect(body.message).toContain('x-org-id');
+        expect(body.details).toEqual([{ field: 'headers.x-org-id', message: expect.any(String) }]);
+      });
+
+      const malformed = [
+        ['not a UUID', 'not-a-uuid'],
+        ['empty', ''],
+        ['too short', '00000000-0000-0000-0000-00000000001'],
+        ['one character too many', '00000000-0000-0000-0000-0000000000011'],
+        ['a UUID without dashes', '00000000000000000000000000000001'],
+        ['SQL-looking', "' OR '1'='1"],
+        ['braced', '{00000000-0000-0000-0000-000000000001}'],
+      ] as const;
+      for (const header of ['x-org-id', 'x-user-id'] as const) {
+        for (const [what, value] of malformed) {
+          it(`malformed ${header} (${what}): 400 bad_request naming ${header}`, async () => {
+            const headers = { ...a.owner.headers, [header]: value };
+            const body = await expectRefused(headers, 400, 'bad_request');
+            expect(body.message).toContain(header);
+            expect(body.details).toEqual([{ field: `headers.${header}`, message: expect.any(String) }]);
+          });
+        }
+
+        it(`duplicated ${header} (two header lines): 400 bad_request naming ${header}`, async () => {
+          const value = a.owner.headers[header];
+          const body = await expectRefused({ ...a.owner.headers, [header]: [value, value] }, 400, 'bad_request');
+          expect(body.details).toEqual([{ field: `headers.${header}`, message: expect.any(String) }]);
+        });
+
+        it(`duplicated ${header} (comma-joined, as Node joins repeated headers): 400 bad_request`, async () => {
+          const value = a.owner.headers[header];
+          const body = await expectRefused({ ...a.owner.headers, [header]: `${value}, ${value}` }, 400, 'bad_request');
           expect(body.details).toEqual([{ field: `headers.${header}`, message: expect.any(String) }]);
         });
       }
 
-      it(`duplicated ${header} (two header lines): 400 bad_request naming ${header}`, async () => {
-        const value = a.owner.headers[header];
-        const body = await expectRefused({ ...a.owner.headers, [header]: [value, value] }, 400, 'bad_request');
-        expect(body.details).toEqual([{ field: `headers.${header}`, message: expect.any(String) }]);
-      });
-
-      it(`duplicated ${header} (comma-joined, as Node joins repeated headers): 400 bad_request`, async () => {
-        const value = a.owner.headers[header];
-        const body = await expectRefused({ ...a.owner.headers, [header]: `${value}, ${value}` }, 400, 'bad_request');
-        expect(body.details).toEqual([{ field: `headers.${header}`, message: expect.any(String) }]);
+      it('user of org A claiming org B: 403 with exactly the brief\'s error and message', async () => {
+        for (const caller of [a.owner, a.admin, a.member]) {
+          const body = await expectRefused({ 'x-org-id': b.org.id, 'x-user-id': caller.id }, 403, 'forbidden');
+          expect(body).toEqual({
+            error: 'Forbidden',
+            message: 'User does not belong to specified organization',
+            code: 'forbidden',
+            requestId: expect.any(String),
+          });
+        }
       });
     }
-
-    it('unknown user id in a real org: 401 unauthorized', async () => {
-      await expectRefused({ 'x-org-id': a.org.id, 'x-user-id': randomUUID() }, 401, 'unauthorized');
-    });
-
-    it('unknown org id with a real user: 401 unauthorized', async () => {
-      await expectRefused({ 'x-org-id': randomUUID(), 'x-user-id': a.owner.id }, 401, 'unauthorized');
-    });
-
-    it('unknown org and unknown user: 401 unauthorized', async () => {
-      await expectRefused({ 'x-org-id': randomUUID(), 'x-user-id': randomUUID() }, 401, 'unauthorized');
-    });
-
-    it('user of org A claiming org B: 403 with exactly the brief\'s error and message', async () => {
-      for (const caller of [a.owner, a.admin, a.member]) {
-        const body = await expectRefused({ 'x-org-id': b.org.id, 'x-user-id': caller.id }, 403, 'forbidden');
-        expect(body).toEqual({
-          error: 'Forbidden',
-          message: 'User does not belong to specified organization',
-          code: 'forbidden',
-          requestId: expect.any(String),
-        });
-      }
-    });
-
-    it('soft-deleted user: 401 unauthorized', async () => {
-      const deleted = await a.addUser(minRole);
-      await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [deleted.id]);
-      await expectRefused(deleted.headers, 401, 'unauthorized');
-    });
 
     it('soft-deleted org (its owner, with an object of that org): 401 unauthorized', async () => {
       for (const caller of [gone.owner, gone.admin, gone.member]) {
         const before = await snapshotOrgUsers(db, gone.org.id);
-        const res = await send(caller.headers, goneTarget);
+        const res = await send(await as(caller), goneTarget);
         expectError(res, 401, 'unauthorized');
         expect(await snapshotOrgUsers(db, gone.org.id)).toEqual(before);
       }
@@ -258,7 +316,7 @@ export function describeTenantRouteSecurity(route: TenantRouteSpec): void {
     if (lowerRoles.length > 0) {
       for (const role of lowerRoles) {
         it(`${role} (below ${minRole}): 403 forbidden`, async () => {
-          await expectRefused(a[role].headers, 403, 'forbidden');
+          await expectRefused(await as(a[role]), 403, 'forbidden');
         });
       }
     }
@@ -269,10 +327,10 @@ export function describeTenantRouteSecurity(route: TenantRouteSpec): void {
         for (const caller of [a.owner, a[minRole]]) {
           const foreignId = await makeTarget(b);
           const beforeB = await snapshotOrgUsers(db, b.org.id);
-          const foreign = expectError(await send(caller.headers, foreignId), 404, 'not_found');
+          const foreign = expectError(await send(await as(caller), foreignId), 404, 'not_found');
           expect(await snapshotOrgUsers(db, b.org.id)).toEqual(beforeB);
 
-          const random = expectError(await send(caller.headers, randomUUID()), 404, 'not_found');
+          const random = expectError(await send(await as(caller), randomUUID()), 404, 'not_found');
           expect(withoutRequestId(foreign)).toEqual(withoutRequestId(random));
           expect(foreign.requestId).not.toBe(random.requestId);
         }
@@ -283,16 +341,16 @@ export function describeTenantRouteSecurity(route: TenantRouteSpec): void {
       it.skipIf(route.makeTarget !== undefined)("another tenant's owner id: 404 (not a 403 that would confirm it exists)", async () => {
         for (const caller of [a.owner, a[minRole]]) {
           const beforeB = await snapshotOrgUsers(db, b.org.id);
-          const foreign = expectError(await send(caller.headers, b.owner.id), 404, 'not_found');
+          const foreign = expectError(await send(await as(caller), b.owner.id), 404, 'not_found');
           expect(await snapshotOrgUsers(db, b.org.id)).toEqual(beforeB);
-          const random = expectError(await send(caller.headers, randomUUID()), 404, 'not_found');
+          const random = expectError(await send(await as(caller), randomUUID()), 404, 'not_found');
           expect(withoutRequestId(foreign)).toEqual(withoutRequestId(random));
         }
       });
 
       it("an object of a soft-deleted org, asked for by a live tenant: 404 like a random id", async () => {
-        const foreign = expectError(await send(a.owner.headers, goneTarget), 404, 'not_found');
-        const random = expectError(await send(a.owner.headers, randomUUID()), 404, 'not_found');
+        const foreign = expectError(await send(await as(a.owner), goneTarget), 404, 'not_found');
+        const random = expectError(await send(await as(a.owner), randomUUID()), 404, 'not_found');
         expect(withoutRequestId(foreign)).toEqual(withoutRequestId(random));
       });
     }
