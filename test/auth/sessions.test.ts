@@ -3,6 +3,7 @@ import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../../src/infra/database.js';
+import { insertApiKey } from '../helpers/apiKeys.js';
 import { buildTestApp, createTenant, type TestTenant } from '../helpers/app.js';
 import { getTestDb } from '../helpers/db.js';
 import { expectError } from '../helpers/securitySuite.js';
@@ -562,6 +563,12 @@ describe('PUT /v1/me/password', () => {
     expect((await db.query('SELECT password_hash FROM users WHERE id = $1', [u.id])).rows).toEqual([{ password_hash: null }]);
     // Twelve characters of four bytes each are twelve characters.
     expect((await put(u.headers, { newPassword: '🦊🐙🚀🎲🧩🪐🌵🎻🍉🦉🐝🐢' })).statusCode).toBe(204);
+  });
+
+  it('an API key has no password: 403', async () => {
+    const key = await insertApiKey(db, t.org.id, 'owner', t.owner.id);
+    const res = await put(key.headers, { newPassword: newPassword() });
+    expect(expectError(res, 403, 'forbidden').message).toContain('API key');
   });
 
   it('refuses a body that is not a string or has other fields (400), and callers without credentials (401)', async () => {
