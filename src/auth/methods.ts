@@ -7,6 +7,7 @@ import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import type { BearerMethods } from '../middleware/authenticate.js';
 import type { Authenticator } from './index.js';
+import { createOidcMethod } from './oidc.js';
 
 export interface AuthMethodDeps {
   config: Config;
@@ -24,7 +25,12 @@ export interface RunningMethods {
 export async function createBearerMethods(deps: AuthMethodDeps): Promise<RunningMethods> {
   const methods: BearerMethods = {};
   const closers: (() => Promise<void>)[] = [];
-  void deps;
+  const { config } = deps;
+  if (config.auth.methods.includes('oidc') && config.auth.oidc) {
+    const oidc = createOidcMethod({ config: config.auth.oidc, db: deps.db, auth: deps.auth, log: deps.log });
+    methods.oidc = { issuer: oidc.issuer, resolve: oidc.resolve };
+    closers.push(() => oidc.close());
+  }
   return {
     methods,
     async close() {
