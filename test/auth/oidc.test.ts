@@ -2,10 +2,10 @@ import { exportSPKI, generateKeyPair, SignJWT } from 'jose';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { NO_USER_ID } from '../../src/auth/oidc.js';
-import { softDeleteOrg } from '../../src/models/org.model.js';
+import { createOrg, softDeleteOrg } from '../../src/models/org.model.js';
 import { setOrgLimitOverrides } from '../../src/models/orgLimits.model.js';
 import type { RequestContext } from '../../src/types/context.js';
-import { createTenant, randomSlug, type TestTenant, type TestUser } from '../helpers/app.js';
+import { addUser, createTenant, randomSlug, type TestTenant, type TestUser } from '../helpers/app.js';
 import { getTestDb } from '../helpers/db.js';
 import {
   buildOidcApp,
@@ -283,6 +283,19 @@ describe('OIDC tokens', () => {
       const created = await app.inject({ method: 'POST', url: '/v1/users', headers: a.owner.headers, payload: { email } });
       expect(created.statusCode).toBe(201);
       expect((await get(app, token)).json()).toMatchObject({ id: created.json().id, role: 'member' });
+    });
+
+    it('an org refused as unknown is not remembered as such: once created, its users sign in at once', async () => {
+      const slug = randomSlug('soon');
+      const email = `${randomSlug('first')}@example.test`;
+      const token = await provider.sign(rsa, { email, org_id: slug });
+      expect401(await get(app, token), 'does not exist');
+      const db = await getTestDb();
+      const org = await createOrg(db, { name: 'Soon', slug });
+      const u = await addUser(db, org.id, 'owner', email);
+      expect((await get(app, token)).json()).toMatchObject({ id: u.id, orgId: org.id, role: 'owner' });
+      // And the other orgs' callers were not disturbed by either answer.
+      expect((await get(app, await provider.sign(rsa, claimsOf(a.member, a)))).statusCode).toBe(200);
     });
   });
 
