@@ -285,11 +285,11 @@ class ProviderKeys {
   private discovering: Promise<Discovered> | null = null;
   private readonly discoveryRetry: Backoff;
   private readonly keysRetry: Backoff;
-  private readonly closing = new AbortController();
+  private closed = false;
   private warming: Promise<void> = Promise.resolve();
-
-  // Every request to the provider ends at its timeout or when the server closes, whichever first.
-  private readonly fetch: FetchImplementation = (url, init) => fetch(url, { ...init, signal: AbortSignal.any([init.signal, this.closing.signal]) });
+  /** Requests to the provider of the last fetchTimeoutMs, to abort at close. */
+  private readonly inFlight = new Set<AbortController>();
+  private readonly fetch: FetchImplementation = (url, init) => this.request(url, init);
 
   constructor(
     private readonly issuer: string,
@@ -324,7 +324,7 @@ class ProviderKeys {
   warmUp(): void {
     this.warming = (async () => {
       const p = await this.provider();
-      if (this.keysRetry.wait() > 0 || this.closing.signal.aborted) return;
+      if (this.keysRetry.wait() > 0 || this.closed) return;
       try {
         await p.remote.reload();
         this.recovered(this.keysRetry, 'keys');
@@ -335,9 +335,31 @@ class ProviderKeys {
   }
 
   async close(): Promise<void> {
-    this.closing.abort();
+    this.closed = true;
+    for (const controller of this.inFlight) controller.abort();
     await this.warming;
     await this.discovering?.catch(() => undefined);
+  }
+
+  /**
+   * Every request to the provider (jose's for the keys, ours for discovery): aborted by the
+   * caller's signal, after fetchTimeoutMs (the body included), or when the server closes. The
+   * timeout is a timer of ours holding the controller: a signal combined with AbortSignal.any()
+   * from a timeout signal can be garbage-collected before it fires (Node 20), and the request
+   * would then hang for as long as the provider does.
+   */
+  private request(url: string, init: { headers: Headers; method: 'GET'; redirect: 'manual'; signal?: AbortSignal }): Promise<Response> {
+    const controller = new AbortController();
+    this.inFlight.add(controller);
+    const timeoutMs = this.timings.fetchTimeoutMs;
+    setTimeout(() => {
+      this.inFlight.delete(controller);
+      controller.abort(new DOMException(`No answer within ${timeoutMs} ms`, 'TimeoutError'));
+    }, timeoutMs).unref();
+    const { signal } = init;
+    if (signal?.aborted || this.closed) controller.abort(signal?.reason);
+    else signal?.addEventListener('abort', () => controller.abort(signal.reason), { once: true });
+    return fetch(url, { ...init, signal: controller.signal });
   }
 
   /** The keys fetched before the provider became unreachable, or a 503. */
@@ -407,12 +429,7 @@ class ProviderKeys {
   /** The key set's URL from the discovery document, whose issuer must be OIDC_ISSUER exactly. */
   private async fetchDiscovery(): Promise<string> {
     const url = discoveryUrl(this.issuer);
-    const res = await this.fetch(url, {
-      method: 'GET',
-      redirect: 'manual',
-      headers: new Headers({ accept: 'application/json' }),
-      signal: AbortSignal.timeout(this.timings.fetchTimeoutMs),
-    });
+    const res = await this.request(url, { method: 'GET', redirect: 'manual', headers: new Headers({ accept: 'application/json' }) });
     if (res.status !== 200) {
       await res.body?.cancel().catch(() => undefined);
       throw new ProviderError(`answered HTTP ${res.status}`);
@@ -451,7 +468,7 @@ class ProviderKeys {
   }
 
   private failed(backoff: Backoff, what: string, err: unknown): void {
-    if (this.closing.signal.aborted) return;
+    if (this.closed) return;
     const first = !backoff.failing;
     if (!backoff.fail() || !first) return; // one line per outage, not per request
     const line = { issuer: this.issuer, reason: describe(err) };

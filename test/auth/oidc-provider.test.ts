@@ -1,3 +1,5 @@
+import v8 from 'node:v8';
+import vm from 'node:vm';
 import type { FastifyRequest } from 'fastify';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
 import { createAuthenticator, type Authenticator } from '../../src/auth/index.js';
@@ -84,6 +86,20 @@ describe('the OIDC method and its provider', () => {
     // Once it answers again, so do we.
     provider.mode = 'ok';
     expect((await outcome(method, await token())).status).toBe(200);
+  });
+
+  it('times out even when the garbage collector runs while it waits (a collected timeout signal never fires)', async () => {
+    v8.setFlagsFromString('--expose-gc');
+    const gc = vm.runInNewContext('gc') as () => void;
+    const { method, token } = await setUp({ fetchTimeoutMs: 300, retryMinMs: 0 }, 'hang');
+    const collecting = setInterval(gc, 20);
+    try {
+      const pending = Symbol('still waiting');
+      const first = await Promise.race([outcome(method, await token()), new Promise((r) => setTimeout(() => r(pending), 10_000))]);
+      expect(first).toMatchObject({ status: 503 });
+    } finally {
+      clearInterval(collecting);
+    }
   });
 
   it('a key set that never answers: 503 once the fetch times out', async () => {
