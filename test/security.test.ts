@@ -4,33 +4,37 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { SEED } from '../src/db/seed.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
-import { describeTenantRouteSecurity, expectError } from './helpers/securitySuite.js';
+import { createOidcScheme } from './helpers/oidcProvider.js';
+import { describeTenantRouteSecurity, expectError, FAKE_SCHEME, type TenantRouteSpec } from './helpers/securitySuite.js';
 
 const newUserBody = () => ({ email: `sec-${randomBytes(5).toString('hex')}@example.test`, name: 'Security Test' });
 
 // Every tenant route, with the lowest role allowed to call it.
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/me', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/users', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 });
-describeTenantRouteSecurity({ method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 });
-describeTenantRouteSecurity({ method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 });
-describeTenantRouteSecurity({
-  method: 'PATCH',
-  url: ({ id }) => `/v1/users/${id}`,
-  takesId: true,
-  body: () => ({ name: 'Renamed', role: 'admin' }),
-  minRole: 'admin',
-  okStatus: 200,
-});
-describeTenantRouteSecurity({
-  method: 'DELETE',
-  url: ({ id }) => `/v1/users/${id}`,
-  takesId: true,
-  minRole: 'admin',
-  okStatus: 204,
-});
+const TENANT_ROUTES: TenantRouteSpec[] = [
+  { method: 'GET', url: () => '/v1/me', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/org', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/users', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/org/usage', minRole: 'admin', okStatus: 200 },
+  { method: 'GET', url: () => '/v1/audit-logs', minRole: 'admin', okStatus: 200 },
+  { method: 'GET', url: ({ id }) => `/v1/users/${id}`, takesId: true, okStatus: 200 },
+  { method: 'POST', url: () => '/v1/users', body: newUserBody, minRole: 'admin', okStatus: 201 },
+  {
+    method: 'PATCH',
+    url: ({ id }) => `/v1/users/${id}`,
+    takesId: true,
+    body: () => ({ name: 'Renamed', role: 'admin' }),
+    minRole: 'admin',
+    okStatus: 200,
+  },
+  { method: 'DELETE', url: ({ id }) => `/v1/users/${id}`, takesId: true, minRole: 'admin', okStatus: 204 },
+];
+
+// ...through every authentication method.
+const oidc = await createOidcScheme();
+afterAll(() => oidc.stop());
+for (const scheme of [FAKE_SCHEME, oidc]) {
+  for (const route of TENANT_ROUTES) describeTenantRouteSecurity(route, scheme);
+}
 
 describe('fake auth on the public GET /health', () => {
   let app: FastifyInstance;

@@ -1,12 +1,13 @@
 import { randomBytes } from 'node:crypto';
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { exportJWK, generateKeyPair, SignJWT, type CryptoKey, type JWK } from 'jose';
+import { exportJWK, exportSPKI, generateKeyPair, SignJWT, type CryptoKey, type JWK } from 'jose';
 import pino, { type Logger } from 'pino';
 import type { FastifyInstance } from 'fastify';
 import { buildApp } from '../../src/app.js';
 import { createRateLimiter } from '../../src/ratelimit/index.js';
-import { testConfig } from './app.js';
+import { testConfig, type TestUser } from './app.js';
+import type { AuthScheme } from './securitySuite.js';
 import { getTestDb, silentLogger } from './db.js';
 
 /**
@@ -172,4 +173,52 @@ export async function buildOidcApp(
   opts.beforeReady?.(app);
   await app.ready();
   return app;
+}
+
+/**
+ * The provider's tokens as a scheme of the security suite: a provider of its own (stop it after
+ * the suites that use the scheme), tokens naming the user's org by slug and their email.
+ */
+export async function createOidcScheme(): Promise<AuthScheme & { stop(): Promise<void> }> {
+  const [key, stranger] = await Promise.all([makeKey('RS256'), makeKey('RS256')]);
+  const provider = await startProvider({ keys: [key] });
+  const bearer = (token: string) => ({ authorization: `Bearer ${token}` });
+  const claimsOf = (user: TestUser, t: { org: { slug: string } }) => ({ email: user.email, email_verified: true, org_id: t.org.slug });
+  return {
+    method: 'oidc',
+    env: () => ({ AUTH_METHODS: 'oidc', OIDC_ISSUER: provider.issuer, OIDC_AUDIENCE }),
+    async as(user, db) {
+      const { rows } = await db.query<{ slug: string }>('SELECT slug FROM orgs WHERE id = $1', [user.orgId]);
+      return bearer(await provider.sign(key, claimsOf(user, { org: rows[0]! })));
+    },
+    async refused(t) {
+      const claims = claimsOf(t.owner, t);
+      const now = nowSeconds();
+      const pem = await exportSPKI(key.publicKey);
+      const hs256 = await new SignJWT({ ...claims, iss: provider.issuer, aud: OIDC_AUDIENCE, exp: now + 300 })
+        .setProtectedHeader({ alg: 'HS256', typ: 'JWT', kid: key.kid })
+        .sign(new TextEncoder().encode(pem));
+      const cases: [string, Promise<string> | string][] = [
+        ['expired', provider.sign(key, { ...claims, iat: now - 3_600, exp: now - 600 })],
+        ['not valid yet', provider.sign(key, { ...claims, nbf: now + 600 })],
+        ['for another audience', provider.sign(key, { ...claims, aud: 'another-service' })],
+        ['from another issuer', provider.sign(key, { ...claims, iss: 'https://idp.invalid' })],
+        ['signed by a key the provider does not publish', provider.sign(stranger, claims)],
+        ['signed by another key under a published kid', provider.sign({ ...stranger, kid: key.kid }, claims)],
+        ['alg none', rawToken({ alg: 'none', typ: 'JWT' }, { ...claims, iss: provider.issuer, aud: OIDC_AUDIENCE, exp: now + 300 })],
+        ["HS256 with the provider's public key as the secret", hs256],
+        ['a typ that is not accepted', provider.sign(key, claims, { typ: 'dpop+jwt' })],
+        ['email_verified false', provider.sign(key, { ...claims, email_verified: false })],
+        ['an email that is no user of the org', provider.sign(key, { ...claims, email: 'nobody@example.test' })],
+        ['an org that does not exist', provider.sign(key, { ...claims, org_id: 'no-such-org-here' })],
+        ['no org claim', provider.sign(key, { ...claims, org_id: undefined })],
+        ['malformed (a header that is not JSON)', rawToken('{not json', { ...claims, iss: provider.issuer, aud: OIDC_AUDIENCE, exp: now + 300 }, 'c2ln')],
+      ];
+      return Promise.all(cases.map(async ([what, token]) => ({ what, headers: bearer(await token) })));
+    },
+    async revoke(user, _headers, db) {
+      await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [user.id]);
+    },
+    stop: () => provider.close(),
+  };
 }
