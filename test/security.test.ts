@@ -5,6 +5,7 @@ import { SEED } from '../src/db/seed.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
 import { API_KEY_SCHEME, insertApiKey } from './helpers/apiKeys.js';
+import { createOidcScheme } from './helpers/oidcProvider.js';
 import { describeTenantRouteSecurity, expectError, FAKE_SCHEME, type TenantRouteSpec } from './helpers/securitySuite.js';
 
 const newUserBody = () => ({ email: `sec-${randomBytes(5).toString('hex')}@example.test`, name: 'Security Test' });
@@ -39,7 +40,9 @@ const ROUTES: TenantRouteSpec[] = [
   },
 ];
 
-for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME]) {
+const oidc = await createOidcScheme();
+afterAll(() => oidc.stop());
+for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, oidc]) {
   for (const route of ROUTES) describeTenantRouteSecurity(route, scheme);
 }
 

@@ -9,6 +9,7 @@ import type { BearerMethods } from '../middleware/authenticate.js';
 import type { AuthMethod } from '../types/authMethods.js';
 import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
+import { createOidcMethod } from './oidc.js';
 
 export interface AuthMethodDeps {
   config: Config;
@@ -45,6 +46,12 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
     closers.push(() => apiKeys.close());
   }
 
+  const oidcConfig = deps.config.auth.oidc;
+  if (on('oidc') && oidcConfig) {
+    const oidc = createOidcMethod({ config: oidcConfig, db: deps.db, auth: deps.auth, log: deps.log });
+    methods.oidc = { issuer: oidc.issuer, resolve: oidc.resolve };
+    closers.push(() => oidc.close());
+  }
   return {
     methods,
     async flush() {
