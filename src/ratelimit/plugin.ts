@@ -16,7 +16,8 @@ declare module 'fastify' {
   }
 }
 
-const AUTH_HEADERS = ['x-org-id', 'x-user-id'] as const;
+// Requests that carry a credential: charged to their address only when it fails (any method).
+const AUTH_HEADERS = ['authorization', 'x-org-id', 'x-user-id'] as const;
 const hasAuthHeaders = (r: FastifyRequest) => AUTH_HEADERS.some((h) => r.headers[h] !== undefined);
 
 function refusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {

@@ -320,6 +320,17 @@ describe('per client address', () => {
     expect((await app.inject({ method: 'GET', url: '/v1/me', headers: t.member.headers, remoteAddress: '10.9.9.2' })).statusCode).toBe(200);
   });
 
+  it('charges failed bearer credentials to their address too (unknown API keys, bad tokens)', async () => {
+    const app = await appWith({ IP_RATE_LIMIT_PER_MINUTE: '3' });
+    const codes: number[] = [];
+    for (const authorization of ['Bearer llmk_unknown', 'Bearer not-a-token', 'Bearer e30.e30.', 'Bearer llmk_again', 'Bearer llmk_more']) {
+      codes.push((await app.inject({ method: 'GET', url: '/v1/me', headers: { authorization }, remoteAddress: '10.9.11.1' })).statusCode);
+    }
+    expect(codes).toEqual([401, 401, 401, 429, 429]);
+    const t = await createTenant();
+    expect((await app.inject({ method: 'GET', url: '/v1/me', headers: t.member.headers, remoteAddress: '10.9.11.2' })).statusCode).toBe(200);
+  });
+
   it('trusts X-Forwarded-For only with TRUST_PROXY=true', async () => {
     const untrusting = await appWith({ IP_RATE_LIMIT_PER_MINUTE: '1' });
     const xff = (ip: string) => ({ method: 'GET' as const, url: '/health', remoteAddress: '10.9.10.1', headers: { 'x-forwarded-for': ip } });
