@@ -5,6 +5,7 @@ import { SEED } from '../src/db/seed.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
 import { API_KEY_SCHEME, insertApiKey } from './helpers/apiKeys.js';
+import { createOidcScheme } from './helpers/oidcProvider.js';
 import { SESSION_SCHEME } from './helpers/sessions.js';
 import { describeTenantRouteSecurity, expectError, FAKE_SCHEME, type TenantRouteSpec } from './helpers/securitySuite.js';
 
@@ -40,7 +41,9 @@ const ROUTES: TenantRouteSpec[] = [
   },
 ];
 
-for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, SESSION_SCHEME]) {
+const oidc = await createOidcScheme();
+afterAll(() => oidc.stop());
+for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, SESSION_SCHEME, oidc]) {
   for (const route of ROUTES) describeTenantRouteSecurity(route, scheme);
 }
 // A first password, set by a user signed in another way (an API key has none; a session's user

@@ -178,8 +178,12 @@ export class AuthCache<V = AuthLookup> {
       // The key's own id may not be the subject its answer depends on (an API key is cached by
       // its hash, and invalidated by its id): once the answer is known, check that too, and look
       // again if it changed while the query ran.
+      // (Answers about the key's own id need no second look: the check above covered them, as
+      // far as anything can for a request that arrived while the query ran.)
       return flying.promise.then((value) =>
-        this.isStale({ value, epoch: flying.epoch }, orgId, userId) ? this.lookup(orgId, userId) : value,
+        this.policy.dependsOn(value).subject !== userId && this.isStale({ value, epoch: flying.epoch }, orgId, userId)
+          ? this.lookup(orgId, userId)
+          : value,
       );
     }
     const epoch = this.epoch;

@@ -10,6 +10,7 @@ import type { RateLimiter } from '../ratelimit/index.js';
 import type { AuthMethod } from '../types/authMethods.js';
 import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
+import { createOidcMethod } from './oidc.js';
 import { createSessionAuth, type SessionAuth } from './sessions.js';
 
 export interface AuthMethodDeps {
@@ -55,6 +56,13 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
   if (on('password') && deps.config.auth.jwt) {
     sessions = createSessionAuth(deps);
     methods.session = { issuer: sessions.issuer, resolve: sessions.resolve };
+  }
+
+  const oidcConfig = deps.config.auth.oidc;
+  if (on('oidc') && oidcConfig) {
+    const oidc = createOidcMethod({ config: oidcConfig, db: deps.db, auth: deps.auth, log: deps.log });
+    methods.oidc = { issuer: oidc.issuer, resolve: oidc.resolve };
+    closers.push(() => oidc.close());
   }
 
   return {

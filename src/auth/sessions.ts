@@ -25,6 +25,7 @@ import type { RequestContext } from '../types/context.js';
 import type { AuthMethodDeps } from './methods.js';
 import type { CachePolicy } from './cache.js';
 import { createLoginThrottle, type LoginThrottle } from './loginThrottle.js';
+import { NO_USER_ID } from './oidc.js';
 import { hashPassword, passwordProblem, verifyPassword, warmPasswordHashing } from './passwords.js';
 import {
   CLOCK_TOLERANCE_SECONDS,
@@ -153,7 +154,8 @@ export function createSessionAuth(deps: AuthMethodDeps): SessionAuth {
         if (created) return pair(created.user, created.sessionId, refreshToken);
       }
       if (candidate) {
-        request.claimedIdentity = { orgId: candidate.orgId, actor: { type: 'user', id: user?.id ?? null, email: normaliseEmail(email) } };
+        // An email that is no user's gets the placeholder id the identity-provider method uses.
+        request.claimedIdentity = { orgId: candidate.orgId, actor: { type: 'user', id: user?.id ?? NO_USER_ID, email: normaliseEmail(email) } };
       }
       throw new AppError('unauthorized', LOGIN_FAILED);
     },

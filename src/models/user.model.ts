@@ -95,6 +95,42 @@ export async function findAuthIdentity(db: Database, orgId: string, userId: stri
   };
 }
 
+/** An authentication lookup by org (id or slug) and email: an identity provider's token names no user id. */
+export interface EmailAuthLookup extends AuthLookup {
+  /** The org's id when it exists and is live, else null. */
+  orgId: string | null;
+}
+
+const authByEmailSql = (orgIs: string) => `SELECT o.id AS found_org_id,
+            u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at, ${ORG_LIMITS_SELECT}
+       FROM orgs o
+       LEFT JOIN users u ON u.org_id = o.id AND u.email = $2 AND u.deleted_at IS NULL
+       LEFT JOIN org_limits l ON l.org_id = o.id
+      WHERE ${orgIs} AND o.deleted_at IS NULL`;
+const AUTH_BY_EMAIL_ORG_ID_SQL = authByEmailSql('o.id = $1::uuid');
+const AUTH_BY_EMAIL_ORG_SLUG_SQL = authByEmailSql('o.slug = $1');
+
+/**
+ * The live user with this email in the live org named by its id or slug (system path: the org is
+ * not trusted yet). `email` must be normalised (normaliseEmail), as stored.
+ */
+export async function findAuthIdentityByEmail(db: Database, org: { id: string } | { slug: string }, email: string): Promise<EmailAuthLookup> {
+  const byId = 'id' in org;
+  const { rows } = await queryAsSystem<{ found_org_id: string } & { [K in keyof UserRow]: UserRow[K] | null }>(
+    db,
+    byId ? AUTH_BY_EMAIL_ORG_ID_SQL : AUTH_BY_EMAIL_ORG_SLUG_SQL,
+    [byId ? org.id : org.slug, email],
+    byId ? 'auth_identity_email_org_id' : 'auth_identity_email_org_slug',
+  );
+  const r = rows[0];
+  return {
+    orgExists: r !== undefined,
+    orgId: r?.found_org_id ?? null,
+    user: r?.id ? toUser(r as UserRow) : null,
+    limitOverrides: r ? overridesFromRow(r) : {},
+  };
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reads
 

@@ -16,7 +16,7 @@ declare module 'fastify' {
   }
 }
 
-// A request with a credential is charged per address only if the credential fails.
+// Requests that carry a credential: charged to their address only when it fails (any method).
 const AUTH_HEADERS = ['authorization', 'x-org-id', 'x-user-id'] as const;
 const hasAuthHeaders = (r: FastifyRequest) => AUTH_HEADERS.some((h) => r.headers[h] !== undefined);
 

@@ -2,6 +2,7 @@ import { generateKeyPair, SignJWT, decodeJwt, decodeProtectedHeader, type JWTPay
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NO_USER_ID } from '../../src/auth/oidc.js';
 import type { Database } from '../../src/infra/database.js';
 import { insertApiKey } from '../helpers/apiKeys.js';
 import { buildTestApp, createTenant, type TestTenant } from '../helpers/app.js';
@@ -674,7 +675,7 @@ describe('the audit log of sign-ins', () => {
     expect(rows.filter((r) => r.action !== 'org.created').map((r) => [r.action, r.actor_type, r.actor_id, r.actor_email, r.target_id])).toEqual([
       ['session.created', 'user', o.member.id, o.member.email, sid],
       ['auth.failed', 'user', o.member.id, o.member.email, null],
-      ['auth.failed', 'user', null, 'nobody.here@example.test', null],
+      ['auth.failed', 'user', NO_USER_ID, 'nobody.here@example.test', null],
       ['session.refreshed', 'user', o.member.id, o.member.email, sid],
     ]);
     const failed = rows.filter((r) => r.action === 'auth.failed');

@@ -6,6 +6,7 @@ import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { setOrgLimitOverrides } from '../../src/models/orgLimits.model.js';
 import { buildTestApp, createTenant, type TestUser } from '../helpers/app.js';
+import { insertApiKey } from '../helpers/apiKeys.js';
 import { getTestDb } from '../helpers/db.js';
 
 /**
@@ -318,6 +319,23 @@ describe('per client address', () => {
     // Even a valid caller from that address waits; from another address it is served.
     expect((await app.inject({ method: 'GET', url: '/v1/me', headers: t.member.headers, remoteAddress: '10.9.9.1' })).statusCode).toBe(429);
     expect((await app.inject({ method: 'GET', url: '/v1/me', headers: t.member.headers, remoteAddress: '10.9.9.2' })).statusCode).toBe(200);
+  });
+
+  it('charges failed bearer credentials to their address, and valid ones not at all', async () => {
+    const app = await appWith({ IP_RATE_LIMIT_PER_MINUTE: '3' });
+    const codes: number[] = [];
+    for (const authorization of ['Bearer llmk_unknown', 'Bearer not-a-token', 'Bearer e30.e30.', 'Bearer llmk_again', 'Bearer llmk_more']) {
+      codes.push((await app.inject({ method: 'GET', url: '/v1/me', headers: { authorization }, remoteAddress: '10.9.11.1' })).statusCode);
+    }
+    expect(codes).toEqual([401, 401, 401, 429, 429]);
+    // A valid key is not an anonymous request: its address's budget is not spent by it.
+    const t = await createTenant();
+    const key = await insertApiKey(await getTestDb(), t.org.id, 'member', t.owner.id);
+    const served: number[] = [];
+    for (let i = 0; i < 5; i++) {
+      served.push((await app.inject({ method: 'GET', url: '/v1/me', headers: key.headers, remoteAddress: '10.9.11.2' })).statusCode);
+    }
+    expect(served).toEqual([200, 200, 200, 200, 200]);
   });
 
   it('trusts X-Forwarded-For only with TRUST_PROXY=true', async () => {

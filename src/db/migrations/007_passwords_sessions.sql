@@ -101,12 +101,3 @@ CREATE POLICY system_access ON sessions TO llm_app_system
 
 -- Sessions are ended, never deleted, by the application.
 GRANT SELECT, INSERT, UPDATE ON sessions TO llm_app_tenant, llm_app_system;
-
--- A failed sign-in is recorded in the org it named with the email it claimed, which need not be
--- a user's: a user actor without an id, for auth.failed only. Every other entry keeps its actor id.
-ALTER TABLE audit_logs
-  DROP CONSTRAINT audit_logs_actor_check,
-  ADD CONSTRAINT audit_logs_actor_check CHECK (
-    CASE WHEN actor_type = 'system' THEN actor_id IS NULL
-         ELSE actor_id IS NOT NULL OR (action = 'auth.failed' AND actor_type = 'user' AND actor_email IS NOT NULL)
-    END);
