@@ -248,6 +248,36 @@ check_status "h) DELETE /v1/api-keys/<id> revokes it" 204
 request GET /v1/me "${AS_KEY[@]}"
 check_status "h) the revoked key" 401
 
+# --- i) password sign-in and sessions --------------------------------------------
+
+section "i) POST /v1/auth/login, refresh, logout"
+login_body='{"orgSlug":"acme-corp","email":"admin@acme.com","password":"acme-admin-dev-password"}'
+request POST /v1/auth/login -H 'content-type: application/json' -d "$login_body"
+check_status "i) login with the development password" 200
+ACCESS=$(json 'b.accessToken')
+REFRESH=$(json 'b.refreshToken')
+check_eq "i) tokenType" Bearer "$(json 'b.tokenType')"
+check_eq "i) refresh token format" true "$(json '/^llmr_[0-9A-Za-z]{43}$/.test(b.refreshToken)')"
+
+request GET /v1/me -H "Authorization: Bearer $ACCESS"
+check_status "i) GET /v1/me with the access token" 200
+check_eq "i) /v1/me as admin@acme.com" admin@acme.com "$(json 'b.email')"
+
+request POST /v1/auth/refresh -H 'content-type: application/json' -d "{\"refreshToken\":\"$REFRESH\"}"
+check_status "i) refresh" 200
+ACCESS2=$(json 'b.accessToken')
+REFRESH2=$(json 'b.refreshToken')
+check_eq "i) a new refresh token" true "$([[ $REFRESH2 != "$REFRESH" ]] && echo true || echo false)"
+
+request POST /v1/auth/logout -H 'content-type: application/json' -d "{\"refreshToken\":\"$REFRESH2\"}"
+check_status "i) logout" 204
+request GET /v1/me -H "Authorization: Bearer $ACCESS2"
+check_status "i) the access token after logout" 401
+
+request POST /v1/auth/login -H 'content-type: application/json' \
+  -d '{"orgSlug":"acme-corp","email":"nobody@acme.com","password":"not-a-password-at-all"}'
+check_status "i) login with an unknown email" 401
+
 # --- summary -------------------------------------------------------------------
 
 printf '\n%d passed, %d failed\n' "$PASSED" "$FAILED"

@@ -20,8 +20,10 @@ import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
 import { apiKeyRoutes } from './routes/apiKeys.route.js';
 import { auditRoutes } from './routes/audit.route.js';
+import { authRoutes } from './routes/auth.route.js';
 import { healthRoutes } from './routes/health.route.js';
 import { meRoutes } from './routes/me.route.js';
+import { passwordRoutes } from './routes/password.route.js';
 import { userRoutes } from './routes/users.route.js';
 import { usageRoutes } from './routes/usage.route.js';
 import { registerIpLimit, registerOrgLimit, type RateLimiter } from './ratelimit/index.js';
@@ -111,7 +113,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     });
   }
   registerIpLimit(app, limiter, config);
-  const bearer = await createBearerMethods({ config, db, auth, log });
+  const bearer = await createBearerMethods({ config, db, auth, log, limiter });
   app.decorate('bearerMethods', bearer);
   app.addHook('onClose', () => bearer.close());
   registerAuthentication(app, auth, config.auth, bearer.methods);
@@ -153,6 +155,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     async (v1) => {
       // Routes that take credentials instead of requiring them (sign-in) go here, outside the
       // tenant scope below.
+      if (bearer.sessions) await v1.register(authRoutes, { sessions: bearer.sessions });
       await v1.register(async (tenant) => {
         tenant.addHook('onRequest', requireContext);
         registerOrgLimit(tenant, limiter, config);
@@ -161,6 +164,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
         await tenant.register(usageRoutes, { config, limiter });
         await tenant.register(auditRoutes, { db });
         await tenant.register(apiKeyRoutes, { db, auth });
+        if (bearer.sessions) await tenant.register(passwordRoutes, { sessions: bearer.sessions });
       });
     },
     { prefix: '/v1' },

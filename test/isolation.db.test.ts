@@ -1,9 +1,11 @@
-import { randomUUID } from 'node:crypto';
+import { randomBytes, randomUUID } from 'node:crypto';
 import pg from 'pg';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { queryAsTenant, SYSTEM_ROLE, TENANT_ROLE, withSystem, withTenant } from '../src/db/tenancy.js';
 import type { Database } from '../src/infra/database.js';
+import { hashPassword } from '../src/auth/passwords.js';
 import { recordAuditEvent, SYSTEM_ACTOR } from '../src/models/audit.model.js';
+import { createSession } from '../src/models/session.model.js';
 import { setOrgLimitOverrides } from '../src/models/orgLimits.model.js';
 import { addUsage } from '../src/models/usage.model.js';
 import { insertApiKey } from './helpers/apiKeys.js';
@@ -25,12 +27,17 @@ let tables: string[];
 const ident = (name: string) => pg.escapeIdentifier(name);
 const orgColumn = (table: string) => (table === 'orgs' ? 'id' : 'org_id');
 
-/** Rows in every tenant table for one org: users (createTenant), limits, usage, audit entries, API keys. */
+/** Rows in every tenant table for one org: users (createTenant, one with a password), limits, usage, audit entries, API keys, sessions. */
 async function fillEveryTable(t: TestTenant): Promise<void> {
   await setOrgLimitOverrides(db, t.org.id, { orgBurst: 7 });
   await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
   await recordAuditEvent(db, t.org.id, { action: 'auth.failed', actor: SYSTEM_ACTOR });
   await insertApiKey(db, t.org.id, 'admin', t.owner.id);
+  const passwordHash = await hashPassword(`fill-${randomUUID()}`);
+  await db.query('UPDATE users SET password_hash = $3 WHERE org_id = $1 AND id = $2', [t.org.id, t.member.id, passwordHash]);
+  const meta = { requestId: 'fill', ip: '127.0.0.1', userAgent: null };
+  const session = await createSession(db, t.org.id, t.member.id, passwordHash, { tokenHash: randomBytes(32).toString('hex'), ttlSeconds: 60 }, meta);
+  expect(session).not.toBeNull();
 }
 
 /** Every row of `table` as the connection's own (superuser) role: the view without RLS. */

@@ -8,6 +8,7 @@ import { addUsage } from '../src/models/usage.model.js';
 import type { Role } from '../src/types/context.js';
 import { insertApiKey } from './helpers/apiKeys.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
+import { bearer, SESSION_ENV, sessionToken, setPassword } from './helpers/sessions.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
 
 /**
@@ -22,7 +23,9 @@ let a: TestTenant;
 let b: TestTenant;
 /** B's callers with API keys of each role (besides its users with the development headers). */
 let bKeys: Record<Role, Caller>;
-/** Every id org A has: its org, users, audit entries, API keys. */
+/** B's users with access tokens of password sessions. */
+let bSessions: Record<Role, Caller>;
+/** Every id org A has: its org, users, audit entries, API keys, sessions. */
 let aIds: string[];
 /** Every string that would betray org A in a response. */
 let aSecrets: string[];
@@ -91,14 +94,38 @@ const CASES: Record<string, RouteCase> = {
     request: (c, id) => ({ method: 'DELETE', url: `/v1/api-keys/${id}`, headers: c.headers }),
     comparable: sameAnswer,
   },
+  // Sign-in to B with the email of A's user (the id slot is an email here): the answer of an unknown email.
+  'POST /v1/auth/login': {
+    request: (_c, email) => ({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: b.org.slug, email, password: 'not-the-password-1' } }),
+    comparable: sameAnswer,
+  },
+  'POST /v1/auth/refresh': {
+    request: (_c, id) => ({ method: 'POST', url: '/v1/auth/refresh', payload: { refreshToken: refreshTokenFrom(id) } }),
+    comparable: sameAnswer,
+  },
+  'POST /v1/auth/logout': {
+    request: (_c, id) => ({ method: 'POST', url: '/v1/auth/logout', payload: { refreshToken: refreshTokenFrom(id) } }),
+    comparable: sameAnswer,
+  },
+  // The caller's own password (B's users have one; a key has none): refused, whatever the id.
+  'PUT /v1/me/password': {
+    request: (c, id) => ({ method: 'PUT', url: '/v1/me/password', headers: c.headers, payload: { currentPassword: `not-it-${id}`, newPassword: `fresh-${id}` } }),
+    comparable: sameAnswer,
+  },
 };
+
+/** A well-formed refresh token made of an id's hex digits. */
+const refreshTokenFrom = (id: string) => `llmr_${id.replace(/-/g, '').padEnd(43, '0')}`;
+/** Routes whose id slot takes an email of A's users rather than an id. */
+const EMAIL_ROUTES = new Set(['POST /v1/users', 'POST /v1/auth/login']);
 
 async function snapshotA(): Promise<unknown[]> {
   const users = await db.query('SELECT * FROM users WHERE org_id = $1 ORDER BY id', [a.org.id]);
   const org = await db.query('SELECT * FROM orgs WHERE id = $1', [a.org.id]);
   const audit = await db.query('SELECT id, seq, hash FROM audit_logs WHERE org_id = $1 ORDER BY seq', [a.org.id]);
   const keys = await db.query('SELECT * FROM api_keys WHERE org_id = $1 ORDER BY id', [a.org.id]);
-  return [users.rows, org.rows, audit.rows, keys.rows];
+  const sessions = await db.query('SELECT * FROM sessions WHERE org_id = $1 ORDER BY id', [a.org.id]);
+  return [users.rows, org.rows, audit.rows, keys.rows, sessions.rows];
 }
 
 function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): void {
@@ -110,7 +137,7 @@ function expectNothingOfA(res: LightMyRequestResponse, except: string[] = []): v
 
 beforeAll(async () => {
   db = await getTestDb();
-  app = await buildTestApp({ db });
+  app = await buildTestApp({ db, env: SESSION_ENV });
   a = await createTenant(db);
   b = await createTenant(db);
   for (const t of [a, b]) {
@@ -124,17 +151,33 @@ beforeAll(async () => {
       const key = await app.inject({ method: 'POST', url: '/v1/api-keys', headers: t.owner.headers, payload: { name: `iso-${randomBytes(5).toString('hex')}`, role } });
       expect(key.statusCode).toBe(201);
     }
+    // A user with a password, signed in (sessions rows).
+    const password = `${t.org.slug}-password`;
+    await setPassword(db, t.member, password);
+    const signIn = await app.inject({ method: 'POST', url: '/v1/auth/login', payload: { orgSlug: t.org.slug, email: t.member.email, password } });
+    expect(signIn.statusCode).toBe(200);
   }
   const keyCallers: Partial<Record<Role, Caller>> = {};
   for (const role of ROLES) keyCallers[role] = { headers: (await insertApiKey(db, b.org.id, role, b.owner.id)).headers };
   bKeys = keyCallers as Record<Role, Caller>;
+  const sessionCallers: Partial<Record<Role, Caller>> = {};
+  for (const role of ROLES) sessionCallers[role] = { headers: bearer(await sessionToken(db, b[role])) };
+  bSessions = sessionCallers as Record<Role, Caller>;
   await app.refusalAudit.settled();
   const users = await db.query<{ id: string; email: string }>('SELECT id, email FROM users WHERE org_id = $1', [a.org.id]);
   const audit = await db.query<{ id: string }>('SELECT id FROM audit_logs WHERE org_id = $1', [a.org.id]);
   const keys = await db.query<{ id: string; name: string; prefix: string }>('SELECT id, name, prefix FROM api_keys WHERE org_id = $1', [a.org.id]);
   expect(audit.rows.length).toBeGreaterThanOrEqual(3);
   expect(keys.rows.length).toBe(3);
-  aIds = [a.org.id, ...users.rows.map((u) => u.id), ...audit.rows.map((r) => r.id), ...keys.rows.map((k) => k.id)];
+  const sessions = await db.query<{ id: string; session_id: string }>('SELECT id, session_id FROM sessions WHERE org_id = $1', [a.org.id]);
+  expect(sessions.rows.length).toBe(1);
+  aIds = [
+    a.org.id,
+    ...users.rows.map((u) => u.id),
+    ...audit.rows.map((r) => r.id),
+    ...keys.rows.map((k) => k.id),
+    ...sessions.rows.flatMap((r) => [r.id, r.session_id]),
+  ];
   aSecrets = [...aIds, ...users.rows.map((u) => u.email), a.org.slug, ...keys.rows.flatMap((k) => [k.name, k.prefix])];
 });
 afterAll(() => app.close());
@@ -151,7 +194,7 @@ describe('every /v1 route, called as org B with org A ids', () => {
 
   it('lists of org B contain nothing of org A (before B creates users with the addresses of A\u2019s)', async () => {
     for (const url of ['/v1/users?limit=100', '/v1/audit-logs?limit=100', '/v1/api-keys?limit=100', '/v1/me', '/v1/org', '/v1/org/usage']) {
-      for (const caller of [b.owner, bKeys.owner]) {
+      for (const caller of [b.owner, bKeys.owner, bSessions.owner]) {
         const res = await app.inject({ method: 'GET', url, headers: caller.headers });
         expect({ url, status: res.statusCode }).toEqual({ url, status: 200 });
         expectNothingOfA(res);
@@ -169,18 +212,18 @@ describe('every /v1 route, called as org B with org A ids', () => {
         fc.uuid(),
         fc.constantFrom(...ROLES),
         fc.constantFrom(...aEmails),
-        fc.boolean(),
-        async (route, aId, randomId, role, aEmail, withKey) => {
+        fc.constantFrom('headers', 'key', 'session'),
+        async (route, aId, randomId, role, aEmail, how) => {
           const c = CASES[route]!;
-          const isPost = route === 'POST /v1/users';
-          // B's user with the development headers, or B's API key of the same role.
-          const caller = withKey ? bKeys[role] : b[role];
+          const isPost = EMAIL_ROUTES.has(route);
+          // B's user with the development headers or an access token, or B's API key of the same role.
+          const caller = how === 'key' ? bKeys[role] : how === 'session' ? bSessions[role] : b[role];
           const foreign = await app.inject(c.request(caller, isPost ? aEmail : aId));
           const random = await app.inject(c.request(caller, isPost ? newEmail() : randomId.toLowerCase()));
           expect(c.comparable(foreign)).toEqual(c.comparable(random));
           expect(foreign.statusCode).toBeLessThan(500);
           expectNothingOfA(foreign, isPost ? [aEmail] : []);
-          if (isPost) {
+          if (route === 'POST /v1/users') {
             // Free the address again for the next run (a deleted user's address can be reused).
             for (const res of [foreign, random].filter((r) => r.statusCode === 201)) {
               await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [res.json<{ id: string }>().id]);

@@ -20,7 +20,7 @@ beforeAll(async () => {
 
 describe('the migrated schema', () => {
   it('has the tenant tables the isolation suites cover', async () => {
-    expect(await tenantTables(db)).toEqual(['api_keys', 'audit_logs', 'org_limits', 'org_usage', 'users']);
+    expect(await tenantTables(db)).toEqual(['api_keys', 'audit_logs', 'org_limits', 'org_usage', 'sessions', 'users']);
   });
 
   it('breaks no tenancy rule: org_id in every key and foreign key, RLS forced with an app.org_id policy everywhere', async () => {

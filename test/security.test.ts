@@ -6,6 +6,7 @@ import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
 import { API_KEY_SCHEME, insertApiKey } from './helpers/apiKeys.js';
 import { createOidcScheme } from './helpers/oidcProvider.js';
+import { SESSION_SCHEME } from './helpers/sessions.js';
 import { describeTenantRouteSecurity, expectError, FAKE_SCHEME, type TenantRouteSpec } from './helpers/securitySuite.js';
 
 const newUserBody = () => ({ email: `sec-${randomBytes(5).toString('hex')}@example.test`, name: 'Security Test' });
@@ -42,9 +43,15 @@ const ROUTES: TenantRouteSpec[] = [
 
 const oidc = await createOidcScheme();
 afterAll(() => oidc.stop());
-for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, oidc]) {
+for (const scheme of [FAKE_SCHEME, API_KEY_SCHEME, SESSION_SCHEME, oidc]) {
   for (const route of ROUTES) describeTenantRouteSecurity(route, scheme);
 }
+// A first password, set by a user signed in another way (an API key has none; a session's user
+// has one already, so needs currentPassword: test/auth/sessions.test.ts).
+describeTenantRouteSecurity(
+  { method: 'PUT', url: () => '/v1/me/password', body: () => ({ newPassword: `sec-${randomBytes(9).toString('hex')}` }), okStatus: 204 },
+  FAKE_SCHEME,
+);
 
 describe('fake auth on the public GET /health', () => {
   let app: FastifyInstance;

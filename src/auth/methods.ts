@@ -6,20 +6,26 @@ import type { FastifyBaseLogger } from 'fastify';
 import type { Config } from '../config/env.js';
 import type { Database } from '../infra/database.js';
 import type { BearerMethods } from '../middleware/authenticate.js';
+import type { RateLimiter } from '../ratelimit/index.js';
 import type { AuthMethod } from '../types/authMethods.js';
 import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
 import { createOidcMethod } from './oidc.js';
+import { createSessionAuth, type SessionAuth } from './sessions.js';
 
 export interface AuthMethodDeps {
   config: Config;
   db: Database;
   auth: Authenticator;
   log: FastifyBaseLogger;
+  /** Password attempts are limited through it. */
+  limiter: RateLimiter;
 }
 
 export interface RunningMethods {
   methods: BearerMethods;
+  /** Password sign-in and its sessions (the routes of /v1/auth); null when `password` is off. */
+  sessions: SessionAuth | null;
   /** Writes now what the methods batch in memory (API keys' last use). */
   flush(): Promise<void>;
   /** Stops what the methods run in the background (batched writes, key refreshes). */
@@ -46,14 +52,22 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
     closers.push(() => apiKeys.close());
   }
 
+  let sessions: SessionAuth | null = null;
+  if (on('password') && deps.config.auth.jwt) {
+    sessions = createSessionAuth(deps);
+    methods.session = { issuer: sessions.issuer, resolve: sessions.resolve };
+  }
+
   const oidcConfig = deps.config.auth.oidc;
   if (on('oidc') && oidcConfig) {
     const oidc = createOidcMethod({ config: oidcConfig, db: deps.db, auth: deps.auth, log: deps.log });
     methods.oidc = { issuer: oidc.issuer, resolve: oidc.resolve };
     closers.push(() => oidc.close());
   }
+
   return {
     methods,
+    sessions,
     async flush() {
       await Promise.all(flushers.map((f) => f()));
     },

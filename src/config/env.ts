@@ -117,6 +117,8 @@ const schema = z.object({
     ORG_MONTHLY_REQUEST_CAP: int(2_000_000, 0, Number.MAX_SAFE_INTEGER),
     ORG_MAX_CONCURRENT_REQUESTS: int(50, 0, 1_000_000),
     IP_RATE_LIMIT_PER_MINUTE: int(600, 0, 1_000_000_000),
+    LOGIN_ATTEMPTS_PER_ACCOUNT: int(10, 0, 1_000_000),
+    LOGIN_ATTEMPTS_PER_IP: int(100, 0, 1_000_000),
     RATE_LIMIT_FALLBACK_SHARE: num(1, 0.001, 1),
     RATE_LIMIT_MEMORY_MAX_KEYS: int(100_000, 100, 100_000_000),
     RATE_LIMIT_SLOT_TTL_MS: int(600_000, 1_000, 86_400_000),
@@ -159,6 +161,8 @@ export interface RateLimitConfig {
   readonly defaults: OrgLimits;
   /** Anonymous and failed-auth requests per client IP and minute. */
   readonly ipPerMinute: number;
+  /** Password attempts (sign-in, password change): each bucket holds this many, refilled over 15 minutes; 0 turns it off. */
+  readonly login: { readonly perAccount: number; readonly perIp: number };
   /** While Redis is unreachable, each instance enforces this fraction of every limit in memory. */
   readonly fallbackShare: number;
   readonly memoryMaxKeys: number;
@@ -311,6 +315,7 @@ export function loadConfig(
         maxConcurrent: c.ORG_MAX_CONCURRENT_REQUESTS,
       },
       ipPerMinute: c.IP_RATE_LIMIT_PER_MINUTE,
+      login: { perAccount: c.LOGIN_ATTEMPTS_PER_ACCOUNT, perIp: c.LOGIN_ATTEMPTS_PER_IP },
       fallbackShare: c.RATE_LIMIT_FALLBACK_SHARE,
       memoryMaxKeys: c.RATE_LIMIT_MEMORY_MAX_KEYS,
       slotTtlMs: c.RATE_LIMIT_SLOT_TTL_MS,

@@ -4,6 +4,10 @@ import { withSystem } from './tenancy.js';
 /**
  * Development and test data, never applied when NODE_ENV=production. Fixed ids, so the README's
  * curl examples can be pasted as they are. Idempotent: rows that exist are left alone.
+ *
+ * The users get development passwords (published in the README, so never for production), stored
+ * as their argon2id hashes made once with src/auth/passwords.ts: seeding costs no hashing. A
+ * seed user who has a password already keeps it.
  */
 export const SEED = {
   orgs: [
@@ -17,6 +21,8 @@ export const SEED = {
       email: 'admin@acme.com',
       name: 'Acme Admin',
       role: 'admin',
+      password: 'acme-admin-dev-password',
+      passwordHash: '$argon2id$v=19$m=19456,t=2,p=1$ZXIlVk+yan09rR/m2wv0mA$T2SZU43jGLJc0+JJnAVcICsLYqi+UyYBNd3gGsHwfnc',
     },
     {
       id: '00000000-0000-0000-0001-000000000002',
@@ -24,6 +30,8 @@ export const SEED = {
       email: 'user@acme.com',
       name: 'Acme User',
       role: 'member',
+      password: 'acme-user-dev-password',
+      passwordHash: '$argon2id$v=19$m=19456,t=2,p=1$ieWFUru57AYC8ME29XfgvA$zqGEu9O2ze7OG1DZEWwQh7YmIxRTW5pKkQ1n96eAwYk',
     },
     {
       id: '00000000-0000-0000-0002-000000000001',
@@ -31,6 +39,8 @@ export const SEED = {
       email: 'founder@techstartup.com',
       name: 'Tech Startup Founder',
       role: 'owner',
+      password: 'tech-founder-dev-password',
+      passwordHash: '$argon2id$v=19$m=19456,t=2,p=1$wYJQ/oC3PcZKOap2Vn9jZA$Kcv+JV6sr4njTiKTFGbrPfC9/NYs21dx5bkx+m8G17Y',
     },
   ],
 } as const;
@@ -54,6 +64,11 @@ export async function seed(db: Database): Promise<SeedReport> {
          ON CONFLICT DO NOTHING`,
         [u.id, u.orgId, u.email, u.name, u.role],
       );
+      await tx.query('UPDATE users SET password_hash = $3 WHERE org_id = $1 AND id = $2 AND password_hash IS NULL', [
+        u.orgId,
+        u.id,
+        u.passwordHash,
+      ]);
     }
     const orgs = await tx.query<SeedReport['orgs'][number]>(
       'SELECT id, name, slug FROM orgs WHERE id = ANY($1::uuid[]) AND deleted_at IS NULL ORDER BY id',

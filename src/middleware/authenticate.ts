@@ -63,6 +63,13 @@ declare module 'fastify' {
   interface FastifyRequest {
     claimedIdentity: ClaimedIdentity | null;
   }
+  interface FastifyContextConfig {
+    /**
+     * The route takes its credential in the body (sign-in, refresh, sign-out): an Authorization
+     * header sent along (an expired access token, say) is not looked at.
+     */
+    credentialInBody?: boolean;
+  }
 }
 
 const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
@@ -152,6 +159,7 @@ export function registerAuthentication(app: FastifyInstance, auth: Authenticator
 
   // A callback hook, not an async one: a caller found in the cache costs no promise at all.
   app.addHook('onRequest', (request, _reply, done) => {
+    if (request.routeOptions.config.credentialInBody === true) return done();
     let pending: Promise<ResolvedCaller>;
     try {
       const authorization = request.headers.authorization;

@@ -4,6 +4,7 @@ import type { Database } from '../infra/database.js';
 import type { RequestContext, RequestMeta, Role } from '../types/context.js';
 import { appendAuditLog, userActor } from './audit.model.js';
 import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
+import { isSessionLive } from './session.model.js';
 
 /**
  * Users always live inside an org: every function takes the org id (or the caller's context),
@@ -21,7 +22,7 @@ export interface User {
   updatedAt: Date;
 }
 
-interface UserRow {
+export interface UserRow {
   id: string;
   org_id: string;
   email: string;
@@ -33,7 +34,7 @@ interface UserRow {
 
 const COLUMNS = 'id, org_id, email, name, role, created_at, updated_at';
 
-const toUser = (r: UserRow): User => ({
+export const toUser = (r: UserRow): User => ({
   id: r.id,
   orgId: r.org_id,
   email: r.email,
@@ -230,6 +231,10 @@ export async function lockOrgAsCaller(tx: TenantTx, ctx: RequestContext): Promis
   );
   const role = rows[0]?.role;
   if (!role) throw new AppError('unauthorized', 'Unknown organization or user');
+  // A session ended while the request was on its way acts no more.
+  if (ctx.authMethod === 'password' && ctx.credentialId && !(await isSessionLive(tx, ctx.orgId, ctx.credentialId))) {
+    throw new AppError('unauthorized', 'Session has ended');
+  }
   return role;
 }
 

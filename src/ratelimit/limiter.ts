@@ -202,17 +202,31 @@ export class RateLimiter {
   }
 
   /** Admission of one anonymous or failed-auth request from a client address. */
-  async acquireIp(ip: string, perMinute: number, nowMs = Date.now()): Promise<{ allowed: boolean; retryAfterSeconds: number }> {
-    const key = `ip:${ip}`;
+  acquireIp(ip: string, perMinute: number, nowMs = Date.now()): Promise<{ allowed: boolean; retryAfterSeconds: number }> {
+    return this.acquireKey(`ip:${ip}`, { burst: perMinute, perSecond: perMinute / 60 }, nowMs);
+  }
+
+  /**
+   * One token from the bucket named `key` (a client address, an account...), shared by every
+   * instance like the org buckets: `burst` tokens, refilled at `perSecond`. Once a key has spent
+   * its last token, its next attempts on this instance are refused from memory, without a
+   * backend call. Keys are namespaced by the caller (`ip:`, `login:`...): they must not be org ids.
+   */
+  async acquireKey(
+    key: string,
+    bucket: { burst: number; perSecond: number },
+    nowMs = Date.now(),
+  ): Promise<{ allowed: boolean; retryAfterSeconds: number }> {
     const block = this.checkBlocked(key, nowMs);
     if (block && block !== PROBE) return { allowed: false, retryAfterSeconds: Math.max(1, Math.ceil((block.retryAtMs - nowMs) / 1000)) };
     const periods = utcPeriods(nowMs);
+    const { perSecond } = bucket;
     const { decision } = await this.decide(key, {
       orgId: key,
       userId: '-',
       limits: {
-        orgBurst: perMinute,
-        orgPerSecond: perMinute / 60,
+        orgBurst: bucket.burst,
+        orgPerSecond: perSecond,
         userBurst: 0,
         userPerSecond: 0,
         dailyCap: 0,
@@ -225,13 +239,12 @@ export class RateLimiter {
       slotId: '-',
       slotTtlMs: this.deps.config.slotTtlMs,
     });
-    const perSecond = perMinute / 60;
     if (block === PROBE) this.blocked.delete(key);
     if (!decision.allowed) {
       this.block(key, nowMs, ((1 - decision.org.remaining) / perSecond) * 1000, decision.retryAfterSeconds, 'org_rate');
     } else if (decision.org.remaining < 1) {
-      // The address has just spent its last token: refuse its next attempt in process, before
-      // any database lookup (a failed authentication is only charged after it has happened).
+      // The key has just spent its last token: refuse its next attempt in process, before any
+      // database lookup (a failed authentication is only charged after it has happened).
       this.block(key, nowMs, 1000 / perSecond, Math.max(1, Math.ceil(1 / perSecond)), 'org_rate');
     }
     return { allowed: decision.allowed, retryAfterSeconds: decision.retryAfterSeconds };

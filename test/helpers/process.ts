@@ -22,7 +22,7 @@ export interface ProcessResult {
 export function runTsScript(
   script: string,
   env: Record<string, string>,
-  opts: { timeoutMs?: number; args?: readonly string[] } = {},
+  opts: { timeoutMs?: number; args?: readonly string[]; /** Written to its standard input, which is then closed. */ input?: string } = {},
 ): Promise<ProcessResult> {
   const timeoutMs = opts.timeoutMs ?? 20_000;
   const started = Date.now();
@@ -35,13 +35,14 @@ export function runTsScript(
         ...(process.env.TMPDIR ? { TMPDIR: process.env.TMPDIR } : {}),
         ...env,
       },
-      stdio: ['ignore', 'pipe', 'pipe'],
+      stdio: [opts.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
     });
+    if (opts.input !== undefined) child.stdin!.end(opts.input);
     let stdout = '';
     let stderr = '';
     let timedOut = false;
-    child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
-    child.stderr.setEncoding('utf8').on('data', (d: string) => (stderr += d));
+    child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
+    child.stderr!.setEncoding('utf8').on('data', (d: string) => (stderr += d));
     const timer = setTimeout(() => {
       timedOut = true;
       child.kill('SIGKILL');
