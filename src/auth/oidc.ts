@@ -38,6 +38,7 @@ import type { OidcConfig } from '../config/env.js';
 import { AppError } from '../errors.js';
 import type { Database } from '../infra/database.js';
 import { callerFromLookup, invalidToken, type BearerResolver } from '../middleware/authenticate.js';
+import { NO_USER_ID } from '../models/audit.model.js';
 import { findAuthIdentityByEmail, normaliseEmail } from '../models/user.model.js';
 import type { AuthLookup, Authenticator, CachePolicy } from './index.js';
 
@@ -86,8 +87,6 @@ const SLUG = /^[a-z0-9]([a-z0-9-]*[a-z0-9])?$/;
 const SLUG_MAX = 100;
 const EMAIL = /^[^\s@]+@[^\s@]+$/;
 const EMAIL_MAX = 255;
-/** The audit actor id of a refused token whose email is no user of the org (the column needs one). */
-export const NO_USER_ID = '00000000-0000-0000-0000-000000000000';
 const MAX_DOCUMENT_CHARS = 1 << 20;
 
 const providerUnavailable = (retryAfterSeconds: number) =>

@@ -25,7 +25,7 @@ import type { RequestContext } from '../types/context.js';
 import type { AuthMethodDeps } from './methods.js';
 import type { CachePolicy } from './cache.js';
 import { createLoginThrottle, type LoginThrottle } from './loginThrottle.js';
-import { NO_USER_ID } from './oidc.js';
+import { NO_USER_ID } from '../models/audit.model.js';
 import { hashPassword, passwordProblem, verifyPassword, warmPasswordHashing } from './passwords.js';
 import {
   CLOCK_TOLERANCE_SECONDS,

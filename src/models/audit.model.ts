@@ -42,6 +42,12 @@ export interface AuditActor {
 
 export const SYSTEM_ACTOR: AuditActor = { type: 'system', id: null, email: null };
 
+/**
+ * The actor id of a refused credential that named an email which is no user of the org (an OIDC
+ * token, a sign-in attempt): the column needs one, and this one is nobody's.
+ */
+export const NO_USER_ID = '00000000-0000-0000-0000-000000000000';
+
 /** The caller as an audit actor: the user, or the API key it authenticated with. */
 export const userActor = (ctx: RequestContext): AuditActor =>
   ctx.authMethod === 'api_key' ? { type: 'api_key', id: ctx.userId, email: null } : { type: 'user', id: ctx.userId, email: ctx.email };

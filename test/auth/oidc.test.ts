@@ -1,7 +1,7 @@
 import { exportSPKI, generateKeyPair, SignJWT } from 'jose';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from 'vitest';
-import { NO_USER_ID } from '../../src/auth/oidc.js';
+import { NO_USER_ID } from '../../src/models/audit.model.js';
 import { createOrg, softDeleteOrg } from '../../src/models/org.model.js';
 import { setOrgLimitOverrides } from '../../src/models/orgLimits.model.js';
 import type { RequestContext } from '../../src/types/context.js';

@@ -2,7 +2,7 @@ import { generateKeyPair, SignJWT, decodeJwt, decodeProtectedHeader, type JWTPay
 import { createHash, randomBytes, randomUUID } from 'node:crypto';
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NO_USER_ID } from '../../src/auth/oidc.js';
+import { NO_USER_ID } from '../../src/models/audit.model.js';
 import type { Database } from '../../src/infra/database.js';
 import { insertApiKey } from '../helpers/apiKeys.js';
 import { buildTestApp, createTenant, type TestTenant } from '../helpers/app.js';
