@@ -54,8 +54,10 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
 
   let sessions: SessionAuth | null = null;
   if (on('password') && deps.config.auth.jwt) {
-    sessions = createSessionAuth(deps);
-    methods.session = { issuer: sessions.issuer, resolve: sessions.resolve };
+    const created = createSessionAuth(deps);
+    sessions = created;
+    methods.session = { issuer: created.issuer, resolve: created.resolve };
+    closers.push(() => created.close());
   }
 
   const oidcConfig = deps.config.auth.oidc;

@@ -19,7 +19,7 @@ import { AppError } from '../errors.js';
 import { callerFromLookup, invalidToken, type BearerResolver, type ResolvedCaller } from '../middleware/authenticate.js';
 import { requestMetaOf } from '../middleware/requestMeta.js';
 import { changeOwnPassword, findLoginCandidate, findOwnPasswordHash } from '../models/password.model.js';
-import { createSession, endSessionByRefreshToken, findSessionCaller, rotateRefreshToken, type SessionLookup } from '../models/session.model.js';
+import { createSession, endSessionByRefreshToken, findSessionCaller, pruneEndedSessions, rotateRefreshToken, type SessionLookup } from '../models/session.model.js';
 import { normaliseEmail, type User } from '../models/user.model.js';
 import type { RequestContext } from '../types/context.js';
 import type { AuthMethodDeps } from './methods.js';
@@ -54,7 +54,16 @@ export interface SessionAuth {
   refresh(refreshToken: string, request: FastifyRequest): Promise<TokenPair>;
   logout(refreshToken: string, request: FastifyRequest): Promise<void>;
   changePassword(ctx: RequestContext, input: { currentPassword?: string | undefined; newPassword: string }, request: FastifyRequest): Promise<void>;
+  /** Deletes the rows of tokens that ended more than a week ago; runs by itself every 15 minutes. */
+  prune(): Promise<number>;
+  close(): Promise<void>;
 }
+
+/** Ended tokens are kept this long (the audit log keeps the story for good), then deleted. */
+const PRUNE_GRACE_SECONDS = 7 * 86_400;
+const PRUNE_INTERVAL_MS = 15 * 60_000;
+const PRUNE_BATCH = 1_000;
+const PRUNE_MAX_BATCHES = 100;
 
 /** One body for every failed sign-in: wrong org, unknown email, wrong password, no password, deleted user. */
 const LOGIN_FAILED = 'Invalid organization, email or password';
@@ -135,7 +144,28 @@ export function createSessionAuth(deps: AuthMethodDeps): SessionAuth {
     return { refreshToken, input: { tokenHash: hashRefreshToken(refreshToken).toString('hex'), ttlSeconds: jwt.refreshTokenTtlSeconds } };
   };
 
+  const prune = () => pruneEndedSessions(db, { graceSeconds: PRUNE_GRACE_SECONDS, batchSize: PRUNE_BATCH, maxBatches: PRUNE_MAX_BATCHES });
+  // Every instance prunes; the deletes are idempotent, so several at once only repeat work.
+  let pruning: Promise<unknown> | null = null;
+  const pruner = setInterval(() => {
+    if (pruning) return;
+    pruning = prune()
+      .then((n) => {
+        if (n > 0) log.info({ deleted: n }, 'Deleted the rows of sessions that ended more than a week ago');
+      })
+      .catch((err: unknown) => log.warn({ err }, 'Cannot prune ended sessions; retrying at the next interval'))
+      .finally(() => {
+        pruning = null;
+      });
+  }, PRUNE_INTERVAL_MS);
+  pruner.unref();
+
   return {
+    prune,
+    async close() {
+      clearInterval(pruner);
+      await pruning;
+    },
     issuer: tokens.issuer,
     resolve,
     throttle,

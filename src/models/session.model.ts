@@ -253,3 +253,40 @@ export async function findSessionCaller(db: Database, orgId: string, sessionId: 
     limitOverrides: r ? overridesFromRow(r) : {},
   };
 }
+
+// ---------------------------------------------------------------------------------------------
+// Pruning
+
+/**
+ * Deletes the rows of tokens that ended more than `graceSeconds` ago (expired, or revoked with
+ * their session), in batches of `batchSize`, oldest first; returns how many went. Cross-tenant
+ * housekeeping, so the system path.
+ *
+ * A used token points at its successor (replaced_by), so a row goes only when no row that stays
+ * points at it; taking the oldest first deletes a chain's older links with (or before) the newer
+ * ones. Rows of live sessions that are still valid are never touched: neither are their used
+ * tokens, whose reuse must still be recognised until they expire.
+ */
+export async function pruneEndedSessions(db: Database, opts: { graceSeconds: number; batchSize: number; maxBatches: number }): Promise<number> {
+  let total = 0;
+  for (let i = 0; i < opts.maxBatches; i++) {
+    const { rowCount } = await queryAsSystem(
+      db,
+      `WITH ended AS (
+         SELECT s.org_id, s.id FROM sessions s
+          WHERE (s.expires_at < now() - make_interval(secs => $1) OR s.revoked_at < now() - make_interval(secs => $1))
+            AND NOT EXISTS (
+              SELECT 1 FROM sessions r
+               WHERE r.org_id = s.org_id AND r.replaced_by = s.id
+                 AND r.expires_at >= now() - make_interval(secs => $1)
+                 AND (r.revoked_at IS NULL OR r.revoked_at >= now() - make_interval(secs => $1)))
+          ORDER BY s.created_at
+          LIMIT $2)
+       DELETE FROM sessions d USING ended e WHERE d.org_id = e.org_id AND d.id = e.id`,
+      [opts.graceSeconds, opts.batchSize],
+    );
+    total += rowCount;
+    if (rowCount < opts.batchSize) break;
+  }
+  return total;
+}
