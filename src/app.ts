@@ -144,7 +144,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   });
   await app.register(swaggerUi, { routePrefix: '/docs' });
 
-  await app.register(healthRoutes, { config, db, limiter, auth });
+  await app.register(healthRoutes, { config, db, limiter, auth, identityProvider: () => bearer.identityProvider() });
   app.get('/metrics', { schema: { hide: true } }, async (_request, reply) => {
     const { contentType, body } = await metrics.scrape();
     return reply.type(contentType).send(body);

@@ -10,7 +10,7 @@ import type { RateLimiter } from '../ratelimit/index.js';
 import type { AuthMethod } from '../types/authMethods.js';
 import { createApiKeyMethod } from './apiKeys.js';
 import type { Authenticator } from './index.js';
-import { createOidcMethod } from './oidc.js';
+import { createOidcMethod, type OidcMethod } from './oidc.js';
 import { createSessionAuth, type SessionAuth } from './sessions.js';
 
 export interface AuthMethodDeps {
@@ -26,6 +26,8 @@ export interface RunningMethods {
   methods: BearerMethods;
   /** Password sign-in and its sessions (the routes of /v1/auth); null when `password` is off. */
   sessions: SessionAuth | null;
+  /** Whether the OpenID Connect provider answered its last fetch; null when `oidc` is off. */
+  identityProvider(): 'ok' | 'unreachable' | null;
   /** Writes now what the methods batch in memory (API keys' last use). */
   flush(): Promise<void>;
   /** Stops what the methods run in the background (batched writes, key refreshes). */
@@ -61,15 +63,18 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
   }
 
   const oidcConfig = deps.config.auth.oidc;
+  let oidc: OidcMethod | null = null;
   if (on('oidc') && oidcConfig) {
-    const oidc = createOidcMethod({ config: oidcConfig, db: deps.db, auth: deps.auth, log: deps.log });
-    methods.oidc = { issuer: oidc.issuer, resolve: oidc.resolve };
-    closers.push(() => oidc.close());
+    const created = createOidcMethod({ config: oidcConfig, db: deps.db, auth: deps.auth, log: deps.log });
+    oidc = created;
+    methods.oidc = { issuer: created.issuer, resolve: created.resolve };
+    closers.push(() => created.close());
   }
 
   return {
     methods,
     sessions,
+    identityProvider: () => (oidc ? (oidc.reachable ? 'ok' : 'unreachable') : null),
     async flush() {
       await Promise.all(flushers.map((f) => f()));
     },

@@ -78,6 +78,8 @@ export interface OidcMethodDeps {
 export interface OidcMethod {
   readonly issuer: string;
   readonly resolve: BearerResolver;
+  /** False while the last attempt to fetch the discovery document or the key set failed. */
+  readonly reachable: boolean;
   close(): Promise<void>;
 }
 
@@ -196,7 +198,14 @@ export function createOidcMethod(deps: OidcMethodDeps, timings: Partial<OidcTimi
   };
 
   keys.warmUp();
-  return { issuer: config.issuer, resolve, close: () => keys.close() };
+  return {
+    issuer: config.issuer,
+    resolve,
+    get reachable() {
+      return keys.reachable;
+    },
+    close: () => keys.close(),
+  };
 }
 
 /** What the user loader throws when there is no such user (orgId: null when no such org either). */
@@ -318,6 +327,11 @@ class ProviderKeys {
     }
     return this.staleKey(p, header, token);
   };
+
+  /** False while the last fetch of the discovery document or of the key set failed. */
+  get reachable(): boolean {
+    return !this.discoveryRetry.failing && !this.keysRetry.failing;
+  }
 
   /** Discovery and keys fetched at start, so the first token does not wait; failures are retried on demand. */
   warmUp(): void {

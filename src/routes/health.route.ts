@@ -21,6 +21,10 @@ const HealthSchema = z.object({
   authCache: z
     .enum(['ok', 'degraded'])
     .describe('degraded: the invalidation channel is down; changes made on other instances apply when cached callers expire'),
+  identityProvider: z
+    .enum(['ok', 'unreachable'])
+    .optional()
+    .describe('With the oidc method on: unreachable while the provider\'s discovery document or key set cannot be fetched (its tokens get 503)'),
   org: z.string().optional().describe('With valid auth headers: the caller\'s org id'),
   user: z.object({ id: z.string(), email: z.string().nullable(), role }).optional(),
 });
@@ -30,7 +34,9 @@ export const healthRoutes: FastifyPluginAsyncZod<{
   db: Database;
   limiter: RateLimiter;
   auth: Pick<Authenticator, 'invalidationConnected'>;
-}> = async (app, { config, db, limiter, auth }) => {
+  /** The OIDC provider's state; null when that method is off. */
+  identityProvider?: () => 'ok' | 'unreachable' | null;
+}> = async (app, { config, db, limiter, auth, identityProvider }) => {
   app.get(
     '/health',
     {
@@ -43,6 +49,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{
     async (request, reply) => {
       const connected = await db.health(DB_HEALTH_TIMEOUT_MS);
       const ctx = request.context;
+      const idp = identityProvider?.() ?? null;
       return reply.code(connected ? 200 : 503).send({
         status: connected ? 'ok' : 'unavailable',
         env: config.env,
@@ -51,6 +58,7 @@ export const healthRoutes: FastifyPluginAsyncZod<{
         database: connected ? 'connected' : 'disconnected',
         rateLimiter: limiter.mode,
         authCache: auth.invalidationConnected ? 'ok' : 'degraded',
+        ...(idp ? { identityProvider: idp } : {}),
         ...(ctx ? { org: ctx.orgId, user: { id: ctx.userId, email: ctx.email, role: ctx.role } } : {}),
       });
     },

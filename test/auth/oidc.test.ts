@@ -5,7 +5,7 @@ import { NO_USER_ID } from '../../src/models/audit.model.js';
 import { createOrg, softDeleteOrg } from '../../src/models/org.model.js';
 import { setOrgLimitOverrides } from '../../src/models/orgLimits.model.js';
 import type { RequestContext } from '../../src/types/context.js';
-import { addUser, createTenant, randomSlug, type TestTenant, type TestUser } from '../helpers/app.js';
+import { addUser, buildTestApp, createTenant, randomSlug, type TestTenant, type TestUser } from '../helpers/app.js';
 import { getTestDb } from '../helpers/db.js';
 import {
   buildOidcApp,
@@ -400,6 +400,36 @@ describe('the provider', () => {
     } finally {
       await app.close();
       await provider.close();
+    }
+  });
+
+  it('/health says whether the provider answers, and stays 200 while it does not', async () => {
+    const key = await makeKey('RS256');
+    const provider = await startProvider({ keys: [key] });
+    provider.mode = 'error';
+    freezeClock();
+    const app = await buildOidcApp(provider);
+    const health = async () => {
+      const res = await app.inject({ method: 'GET', url: '/health' });
+      return { status: res.statusCode, identityProvider: res.json<{ identityProvider?: string }>().identityProvider };
+    };
+    try {
+      expect(await health()).toEqual({ status: 200, identityProvider: 'unreachable' });
+      provider.mode = 'ok';
+      advanceClock(60_000);
+      const t = await createTenant();
+      expect((await get(app, await provider.sign(key, claimsOf(t.member, t)))).statusCode).toBe(200);
+      expect(await health()).toEqual({ status: 200, identityProvider: 'ok' });
+    } finally {
+      await app.close();
+      await provider.close();
+    }
+    // Without the oidc method there is no such field.
+    const plain = await buildTestApp();
+    try {
+      expect((await plain.inject({ method: 'GET', url: '/health' })).json()).not.toHaveProperty('identityProvider');
+    } finally {
+      await plain.close();
     }
   });
 
