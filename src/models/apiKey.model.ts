@@ -1,3 +1,4 @@
+import { pageCursor, UUID_VALUE } from './cursor.js';
 import { createHash, randomBytes } from 'node:crypto';
 import { AppError, notFound } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant } from '../db/tenancy.js';
@@ -163,29 +164,14 @@ export interface ApiKeyPage {
   nextCursor: string | null;
 }
 
-const CURSOR_PREFIX = 'k1:';
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-
-const encodeCursor = (id: string): string => Buffer.from(CURSOR_PREFIX + id).toString('base64url');
-
-const invalidCursor = () =>
-  new AppError('validation_failed', 'querystring.cursor: is not a cursor returned by this API', [
-    { field: 'querystring.cursor', message: 'is not a cursor returned by this API' },
-  ]);
-
-function decodeCursor(cursor: string): string {
-  const text = Buffer.from(cursor, 'base64url').toString('utf8');
-  const id = text.slice(CURSOR_PREFIX.length);
-  if (!text.startsWith(CURSOR_PREFIX) || !UUID.test(id)) throw invalidCursor();
-  return id;
-}
+const pages = pageCursor('k1:', UUID_VALUE);
 
 /**
  * Newest first, revoked and expired keys included (with their dates), keyset pagination. The
  * cursor names the last key of the previous page, nothing that would count other tenants' keys.
  */
 export async function listApiKeysInOrg(db: Database, orgId: string, opts: { limit: number; cursor?: string | undefined }): Promise<ApiKeyPage> {
-  const beforeId = opts.cursor ? decodeCursor(opts.cursor) : null;
+  const beforeId = opts.cursor ? pages.decode(opts.cursor) : null;
   const { rows } = await queryAsTenant<ApiKeyRow>(
     db,
     orgId,
@@ -200,11 +186,11 @@ export async function listApiKeysInOrg(db: Database, orgId: string, opts: { limi
   // An empty page after a cursor: the end, or a cursor naming no key of this org (seq < NULL).
   if (beforeId && rows.length === 0) {
     const anchor = await queryAsTenant(db, orgId, 'SELECT 1 FROM api_keys WHERE org_id = $1 AND id = $2', [orgId, beforeId]);
-    if (anchor.rowCount === 0) throw invalidCursor();
+    if (anchor.rowCount === 0) throw pages.invalid();
   }
   const page = rows.slice(0, opts.limit);
   const last = page[page.length - 1];
-  return { keys: page.map(toApiKey), nextCursor: rows.length > opts.limit && last ? encodeCursor(last.id) : null };
+  return { keys: page.map(toApiKey), nextCursor: rows.length > opts.limit && last ? pages.encode(last.id) : null };
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
+import { pageCursor } from './cursor.js';
 import { createHash } from 'node:crypto';
-import { AppError } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant, type SystemTx, type TenantTx } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
 import type { RequestContext, RequestMeta } from '../types/context.js';
@@ -172,25 +172,11 @@ export interface AuditLogPage {
 
 // The cursor names the position (seq) of the last entry shown. seq counts this org's own entries
 // only, so it says nothing about other tenants.
-const CURSOR_PREFIX = 'a1:';
-
-const invalidCursor = () =>
-  new AppError('validation_failed', 'querystring.cursor: is not a cursor returned by this API', [
-    { field: 'querystring.cursor', message: 'is not a cursor returned by this API' },
-  ]);
-
-function decodeCursor(cursor: string): string {
-  const text = Buffer.from(cursor, 'base64url').toString('utf8');
-  const seq = text.slice(CURSOR_PREFIX.length);
-  if (!text.startsWith(CURSOR_PREFIX) || !/^[1-9]\d{0,17}$/.test(seq)) throw invalidCursor();
-  return seq;
-}
-
-const encodeCursor = (seq: string): string => Buffer.from(CURSOR_PREFIX + seq).toString('base64url');
+const pages = pageCursor('a1:', /^[1-9]\d{0,17}$/);
 
 /** Newest first, keyset pagination on seq; one statement. */
 export async function listAuditLogs(db: Database, orgId: string, filter: AuditLogFilter): Promise<AuditLogPage> {
-  const beforeSeq = filter.cursor ? decodeCursor(filter.cursor) : null;
+  const beforeSeq = filter.cursor ? pages.decode(filter.cursor) : null;
   const { rows } = await queryAsTenant<AuditRow>(
     db,
     orgId,
@@ -221,7 +207,7 @@ export async function listAuditLogs(db: Database, orgId: string, filter: AuditLo
   const last = page[page.length - 1];
   return {
     entries: page.map(toEntry),
-    nextCursor: rows.length > filter.limit && last ? encodeCursor(last.seq) : null,
+    nextCursor: rows.length > filter.limit && last ? pages.encode(last.seq) : null,
   };
 }
 

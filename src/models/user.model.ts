@@ -1,3 +1,4 @@
+import { pageCursor, UUID_VALUE } from './cursor.js';
 import { AppError, notFound } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
@@ -167,39 +168,24 @@ export async function listUsersInOrg(
   orgId: string,
   opts: { limit: number; cursor?: string | undefined },
 ): Promise<UserPage> {
-  const afterId = opts.cursor ? decodeCursor(opts.cursor) : null;
+  const afterId = opts.cursor ? pages.decode(opts.cursor) : null;
   // Deleted users still anchor a cursor: deleting a user must not break a client mid-listing.
   const { rows } = await queryAsTenant<UserRow>(db, orgId, USERS_PAGE_SQL, [orgId, afterId, opts.limit + 1], 'users_page');
   // An empty page after a cursor: the end of the list, or a cursor that names no user of this
   // org (seq > NULL matches nothing). Only then is a second look needed.
   if (afterId && rows.length === 0) {
     const anchor = await queryAsTenant(db, orgId, 'SELECT 1 FROM users WHERE org_id = $1 AND id = $2', [orgId, afterId]);
-    if (anchor.rowCount === 0) throw invalidCursor();
+    if (anchor.rowCount === 0) throw pages.invalid();
   }
   const page = rows.slice(0, opts.limit);
   const last = page[page.length - 1];
   return {
     users: page.map(toUser),
-    nextCursor: rows.length > opts.limit && last ? encodeCursor(last.id) : null,
+    nextCursor: rows.length > opts.limit && last ? pages.encode(last.id) : null,
   };
 }
 
-const CURSOR_PREFIX = 'u1:';
-const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
-
-const encodeCursor = (id: string): string => Buffer.from(CURSOR_PREFIX + id).toString('base64url');
-
-const invalidCursor = () =>
-  new AppError('validation_failed', 'querystring.cursor: is not a cursor returned by this API', [
-    { field: 'querystring.cursor', message: 'is not a cursor returned by this API' },
-  ]);
-
-function decodeCursor(cursor: string): string {
-  const text = Buffer.from(cursor, 'base64url').toString('utf8');
-  const id = text.slice(CURSOR_PREFIX.length);
-  if (!text.startsWith(CURSOR_PREFIX) || !UUID.test(id)) throw invalidCursor();
-  return id;
-}
+const pages = pageCursor('u1:', UUID_VALUE);
 
 // ---------------------------------------------------------------------------------------------
 // Writes, with the role rules: members read; admins manage members and admins; only owners
