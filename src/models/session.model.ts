@@ -2,8 +2,8 @@ import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/t
 import type { Database } from '../infra/database.js';
 import type { RequestMeta } from '../types/context.js';
 import { appendAuditLog, type AuditActor } from './audit.model.js';
-import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
-import { toUser, type User, type UserRow } from './user.model.js';
+import { ORG_LIMITS_SELECT, type OrgLimitOverrides } from './orgLimits.model.js';
+import { authLookupOf, toUser, type AuthLookupRow, type User, type UserRow } from './user.model.js';
 
 /**
  * Sessions (migration 007): one row per refresh token, grouped by session (the family of tokens
@@ -238,20 +238,8 @@ const SESSION_CALLER_SQL = `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND 
        LEFT JOIN org_limits l ON l.org_id = $1`;
 
 export async function findSessionCaller(db: Database, orgId: string, sessionId: string): Promise<SessionLookup> {
-  const { rows } = await queryAsTenant<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
-    db,
-    orgId,
-    SESSION_CALLER_SQL,
-    [orgId, sessionId],
-    'session_caller',
-  );
-  const r = rows[0];
-  const orgExists = Boolean(r?.org_exists);
-  return {
-    orgExists,
-    user: orgExists && r?.id ? toUser(r as UserRow) : null,
-    limitOverrides: r ? overridesFromRow(r) : {},
-  };
+  const { rows } = await queryAsTenant<AuthLookupRow>(db, orgId, SESSION_CALLER_SQL, [orgId, sessionId], 'session_caller');
+  return authLookupOf(rows[0]);
 }
 
 // ---------------------------------------------------------------------------------------------

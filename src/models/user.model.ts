@@ -79,21 +79,23 @@ const AUTH_IDENTITY_SQL = `SELECT EXISTS (SELECT 1 FROM orgs WHERE id = $1 AND d
        ) u ON true
        LEFT JOIN org_limits l ON l.org_id = $1`;
 
-/** Cross-tenant by nature (the org is not trusted yet), so it takes the named system path. */
-export async function findAuthIdentity(db: Database, orgId: string, userId: string): Promise<AuthLookup> {
-  const { rows } = await queryAsSystem<{ org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null }>(
-    db,
-    AUTH_IDENTITY_SQL,
-    [orgId, userId],
-    'auth_identity',
-  );
-  const r = rows[0];
+/** A row of an authentication lookup: whether the org exists, the user's columns (null when none), the org's limits. */
+export type AuthLookupRow = { org_exists: boolean } & { [K in keyof UserRow]: UserRow[K] | null };
+
+/** The AuthLookup one such row (or none) describes. */
+export function authLookupOf(r: AuthLookupRow | undefined): AuthLookup {
   const orgExists = Boolean(r?.org_exists);
   return {
     orgExists,
     user: orgExists && r?.id ? toUser(r as UserRow) : null,
     limitOverrides: r ? overridesFromRow(r) : {},
   };
+}
+
+/** Cross-tenant by nature (the org is not trusted yet), so it takes the named system path. */
+export async function findAuthIdentity(db: Database, orgId: string, userId: string): Promise<AuthLookup> {
+  const { rows } = await queryAsSystem<AuthLookupRow>(db, AUTH_IDENTITY_SQL, [orgId, userId], 'auth_identity');
+  return authLookupOf(rows[0]);
 }
 
 /** An authentication lookup by org (id or slug) and email: an identity provider's token names no user id. */
