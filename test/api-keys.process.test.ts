@@ -3,7 +3,7 @@ import { hashApiKeySecret } from '../src/models/apiKey.model.js';
 import { bearer } from './helpers/apiKeys.js';
 import { LIMITS_OFF, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb, onPostgres, testDatabaseUrl } from './helpers/db.js';
-import { startServer, type ServerProcess } from './helpers/serverProcess.js';
+import { msUntil, startServer, type ServerProcess } from './helpers/serverProcess.js';
 
 /**
  * API keys across real server processes on one PostgreSQL, each with its own auth cache: a key
@@ -43,16 +43,6 @@ async function newKey(server: ServerProcess, t: TestTenant, role: string): Promi
 /** Who the server takes the key for, from its auth cache (no other query): /health. */
 async function statusAs(server: ServerProcess, secret: string): Promise<number> {
   return (await call(server, '/health', { headers: bearer(secret) })).status;
-}
-
-/** Milliseconds from now until `check` holds (polled every 10 ms); throws after `limitMs`. */
-async function msUntil(check: () => Promise<boolean>, limitMs: number): Promise<number> {
-  const start = performance.now();
-  while (performance.now() - start < limitMs) {
-    if (await check()) return performance.now() - start;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`not within ${limitMs} ms`);
 }
 
 describe.skipIf(!onPostgres)('API keys across server processes (PostgreSQL only: the embedded database serves one process)', () => {

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { softDeleteOrg } from '../src/models/org.model.js';
 import { LIMITS_OFF, createTenant, type TestUser } from './helpers/app.js';
 import { getTestDb, onPostgres, testDatabaseUrl } from './helpers/db.js';
-import { startServer, type ServerProcess } from './helpers/serverProcess.js';
+import { msUntil, startServer, type ServerProcess } from './helpers/serverProcess.js';
 import { startTcpProxy, type TcpProxy } from './helpers/tcpProxy.js';
 
 /**
@@ -20,16 +20,6 @@ const env = { ...LIMITS_OFF, ACCESS_LOG: 'false' };
 async function me(server: ServerProcess, u: TestUser): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${server.baseUrl}/v1/me`, { headers: u.headers, signal: AbortSignal.timeout(5_000) });
   return { status: res.status, body: (await res.json()) as Record<string, unknown> };
-}
-
-/** Milliseconds from now until `check` holds (polled every 10 ms); throws after `limitMs`. */
-async function msUntil(check: () => Promise<boolean>, limitMs: number): Promise<number> {
-  const start = performance.now();
-  while (performance.now() - start < limitMs) {
-    if (await check()) return performance.now() - start;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`not within ${limitMs} ms`);
 }
 
 /** /health with auth headers: who the server's auth takes the caller for, without any other query. */

@@ -2,7 +2,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LIMITS_OFF, createTenant, type TestTenant, type TestUser } from '../helpers/app.js';
 import { onPostgres, testDatabaseUrl } from '../helpers/db.js';
 import { makeKey, OIDC_AUDIENCE, startProvider, type TestKey, type TestProvider } from '../helpers/oidcProvider.js';
-import { startServer, type ServerProcess } from '../helpers/serverProcess.js';
+import { msUntil, startServer, type ServerProcess } from '../helpers/serverProcess.js';
 
 /**
  * The provider's tokens across real server processes on one PostgreSQL: a user deleted or demoted
@@ -11,15 +11,6 @@ import { startServer, type ServerProcess } from '../helpers/serverProcess.js';
  */
 
 const REVOCATION_BOUND_MS = 1_000;
-
-async function msUntil(check: () => Promise<boolean>, limitMs: number): Promise<number> {
-  const start = performance.now();
-  while (performance.now() - start < limitMs) {
-    if (await check()) return performance.now() - start;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`not within ${limitMs} ms`);
-}
 
 async function me(server: ServerProcess, token: string): Promise<{ status: number; body: Record<string, unknown> }> {
   const res = await fetch(`${server.baseUrl}/v1/me`, { headers: { authorization: `Bearer ${token}` }, signal: AbortSignal.timeout(5_000) });

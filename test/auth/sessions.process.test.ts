@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { LIMITS_OFF, createTenant, type TestTenant, type TestUser } from '../helpers/app.js';
 import { getTestDb, onPostgres, testDatabaseUrl } from '../helpers/db.js';
-import { startServer, type ServerProcess } from '../helpers/serverProcess.js';
+import { msUntil, startServer, type ServerProcess } from '../helpers/serverProcess.js';
 import { newPassword, setPassword, TEST_SIGNING_KEY, type Tokens } from '../helpers/sessions.js';
 
 /**
@@ -43,15 +43,6 @@ async function statusWith(server: ServerProcess, accessToken: string): Promise<n
   const res = await fetch(`${server.baseUrl}/health`, { headers: { authorization: `Bearer ${accessToken}` }, signal: AbortSignal.timeout(5_000) });
   await res.arrayBuffer();
   return res.status;
-}
-
-async function msUntil(check: () => Promise<boolean>, limitMs: number): Promise<number> {
-  const start = performance.now();
-  while (performance.now() - start < limitMs) {
-    if (await check()) return performance.now() - start;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  throw new Error(`not within ${limitMs} ms`);
 }
 
 describe.skipIf(!onPostgres)('sessions across server processes', () => {

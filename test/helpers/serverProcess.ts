@@ -174,3 +174,13 @@ export async function startServer(opts: StartOptions): Promise<ServerProcess> {
     },
   };
 }
+
+/** Milliseconds from now until `check` holds (polled every 10 ms); throws after `limitMs`. */
+export async function msUntil(check: () => Promise<boolean>, limitMs: number): Promise<number> {
+  const start = performance.now();
+  while (performance.now() - start < limitMs) {
+    if (await check()) return performance.now() - start;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  throw new Error(`not within ${limitMs} ms`);
+}
