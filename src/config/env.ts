@@ -122,6 +122,8 @@ const schema = z.object({
     RATE_LIMIT_FALLBACK_SHARE: num(1, 0.001, 1),
     RATE_LIMIT_MEMORY_MAX_KEYS: int(100_000, 100, 100_000_000),
     RATE_LIMIT_SLOT_TTL_MS: int(600_000, 1_000, 86_400_000),
+    RATE_LIMIT_LEASE_MAX: int(1024, 0, 1_000_000),
+    RATE_LIMIT_LEASE_IDLE_MS: int(60_000, 100, 3_600_000),
     USAGE_FLUSH_INTERVAL_MS: int(2_000, 50, 5_000),
     LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS: int(1_000, 0, 60_000),
 
@@ -167,6 +169,10 @@ export interface RateLimitConfig {
   readonly fallbackShare: number;
   readonly memoryMaxKeys: number;
   readonly slotTtlMs: number;
+  /** Largest lease of requests admitted locally (src/ratelimit/leases.ts); 0: every request asks the backend. */
+  readonly leaseMax: number;
+  /** A lease unused this long is given back. */
+  readonly leaseIdleMs: number;
   readonly usageFlushIntervalMs: number;
 }
 
@@ -319,6 +325,8 @@ export function loadConfig(
       fallbackShare: c.RATE_LIMIT_FALLBACK_SHARE,
       memoryMaxKeys: c.RATE_LIMIT_MEMORY_MAX_KEYS,
       slotTtlMs: c.RATE_LIMIT_SLOT_TTL_MS,
+      leaseMax: c.RATE_LIMIT_LEASE_MAX,
+      leaseIdleMs: c.RATE_LIMIT_LEASE_IDLE_MS,
       usageFlushIntervalMs: c.USAGE_FLUSH_INTERVAL_MS,
     },
     loadShedMaxEventLoopDelayMs: c.LOAD_SHED_MAX_EVENT_LOOP_DELAY_MS,

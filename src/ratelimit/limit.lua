@@ -14,7 +14,8 @@ ARGV (numbers as decimal strings):
   1 nowMs  2 cost  3 orgBurst  4 orgPerSecond  5 userBurst  6 userPerSecond  7 dailyCap
   8 monthlyCap  9 maxConcurrent  10 slotId  11 slotTtlMs  12 hasSeed (1|0)  13 seedDay
   14 seedMonth  15 dayEndsMs  16 monthEndsMs  17 dayTtlSeconds  18 monthTtlSeconds
-  19 bucketTtlMarginSeconds  20 maxBucketTtlSeconds
+  19 bucketTtlMarginSeconds  20 maxBucketTtlSeconds  21 slots (concurrency slots to take: 1 takes the
+  slot slotId; n > 1, a lease, takes the n slots slotId#1 ... slotId#n)
 
 The clock is the caller's (ARGV[1]), never Redis TIME: every backend answers from the same time.
 
@@ -44,6 +45,7 @@ local dayTtl = tonumber(ARGV[17])
 local monthTtl = tonumber(ARGV[18])
 local bucketTtlMargin = tonumber(ARGV[19])
 local maxBucketTtl = tonumber(ARGV[20])
+local slots = tonumber(ARGV[21])
 
 -- Fractional tokens are stored as strings with 17 significant digits: that round-trips a double
 -- exactly, so a bucket keeps every fraction of a token between requests.
@@ -117,7 +119,7 @@ if concurrencyIsOn then
   -- Slots older than the TTL belong to requests whose instance died: free them.
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. fmt(now - slotTtl))
   held = redis.call('ZCARD', KEYS[5])
-  alreadyHeld = redis.call('ZSCORE', KEYS[5], slotId) ~= false
+  if slots == 1 then alreadyHeld = redis.call('ZSCORE', KEYS[5], slotId) ~= false end
 end
 
 local function reply(allowed, refusal, wait, needsSeed)
@@ -159,7 +161,7 @@ if orgIsOn and orgTokens < cost then refuse(1, bucketWait(orgTokens, orgBurst, o
 if userIsOn and userTokens < cost then refuse(2, bucketWait(userTokens, userBurst, userRate)) end
 if dayIsOn and dayUsed + cost > dailyCap then refuse(3, secondsUntil(dayEnds)) end
 if monthIsOn and monthUsed + cost > monthlyCap then refuse(4, secondsUntil(monthEnds)) end
-if concurrencyIsOn and not alreadyHeld and held >= maxConcurrent then refuse(5, 1) end
+if concurrencyIsOn and not alreadyHeld and held + slots > maxConcurrent then refuse(5, 1) end
 if refusal ~= 0 then return reply(0, refusal, wait, 0) end
 
 -- 4. Charge everything.
@@ -174,10 +176,19 @@ end
 if dayIsOn then dayUsed = redis.call('INCRBY', KEYS[3], cost) end
 if monthIsOn then monthUsed = redis.call('INCRBY', KEYS[4], cost) end
 if concurrencyIsOn then
-  redis.call('ZADD', KEYS[5], fmt(now), slotId)
+  if slots == 1 then
+    redis.call('ZADD', KEYS[5], fmt(now), slotId)
+    if not alreadyHeld then held = held + 1 end
+  else
+    local args = {}
+    for i = 1, slots do
+      args[#args + 1] = fmt(now)
+      args[#args + 1] = slotId .. '#' .. i
+    end
+    held = held + redis.call('ZADD', KEYS[5], unpack(args))
+  end
   -- Once its newest slot is stale (strictly older than the TTL, as the purge counts) the set
   -- carries no information.
   redis.call('PEXPIRE', KEYS[5], math.ceil(slotTtl) + 1)
-  if not alreadyHeld then held = held + 1 end
 end
 return reply(1, 0, 0, 0)

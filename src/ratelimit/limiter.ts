@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { RateLimitConfig } from '../config/env.js';
+import { LeaseTable, leaseDecision, type Lease } from './leases.js';
 import { utcPeriods, type Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits, Refusal } from './types.js';
 import type { UsageRecorder } from './usage.js';
@@ -121,6 +122,8 @@ export class RateLimiter {
   private readonly fallbackBase: BoundedMap<string, { day: string; dayUsed: number; monthUsed: number }>;
   private readonly instance = randomUUID().slice(0, 8);
   private slotSeq = 0;
+  /** Local admission for callers far from their limits; null when RATE_LIMIT_LEASE_MAX is 0. */
+  private readonly leases: LeaseTable | null;
   readonly stats: LimiterStats = {
     allowed: 0,
     refused: { org_rate: 0, user_rate: 0, daily_cap: 0, monthly_cap: 0, concurrency: 0 },
@@ -132,6 +135,38 @@ export class RateLimiter {
     this.blocked = new BoundedMap(max);
     this.lastKnown = new BoundedMap(max);
     this.fallbackBase = new BoundedMap(max);
+    const { leaseMax, leaseIdleMs, slotTtlMs } = deps.config;
+    this.leases =
+      leaseMax > 0
+        ? new LeaseTable({
+            maxTokens: leaseMax,
+            idleMs: leaseIdleMs,
+            // Leased slots are stamped when granted: renewed well before the slot TTL would purge them.
+            maxAgeMs: Math.min(300_000, Math.floor(slotTtlMs / 2)),
+            slotTtlMs,
+            instance: this.instance,
+            acquire: (req) => this.decide(req.orgId, req),
+          })
+        : null;
+  }
+
+  /** Requests admitted from leases, leases granted and given back (for tests and metrics). */
+  get leaseStats(): { admitted: number; granted: number; refunded: number; held: number } {
+    const s = this.leases?.stats;
+    return { admitted: s?.admitted ?? 0, granted: s?.granted ?? 0, refunded: s?.refunded ?? 0, held: this.leases?.size ?? 0 };
+  }
+
+  /**
+   * Slots held for the org by this instance's leases that no request uses. A backend's count of
+   * held slots includes them (and other instances' such slots): requests in flight are fewer.
+   */
+  unusedLeaseSlots(orgId: string): number {
+    return this.leases?.unusedSlots(orgId) ?? 0;
+  }
+
+  /** Gives back the leases idle for RATE_LIMIT_LEASE_IDLE_MS at `nowMs` (runs every second by itself). */
+  sweepLeases(nowMs = Date.now()): void {
+    this.leases?.sweep(nowMs);
   }
 
   get mode(): LimiterMode {
@@ -149,6 +184,9 @@ export class RateLimiter {
       this.stats.allowed++;
       return { allowed: true, retryAfterSeconds: 0, decision: null, periods, nowMs, release: NO_RELEASE };
     }
+    // Far from every limit: admitted from the caller's lease, in memory.
+    const lease = this.leases?.take(args.orgId, args.userId, args.limits, cost, periods, nowMs) ?? null;
+    if (lease !== null) return this.leased(lease, args.orgId, cost, periods, nowMs);
     const orgKey = `o:${args.orgId}`;
     const userKey = `u:${args.orgId}:${args.userId}`;
     const orgBlock = this.checkBlocked(orgKey, nowMs);
@@ -185,6 +223,8 @@ export class RateLimiter {
     }
     this.stats.allowed++;
     this.deps.usage.record(args.orgId, periods.day, periods.month, cost);
+    // Leases only from the shared backend: the fallback's limits are shares, decided one by one.
+    if (backend === this.deps.primary) this.leases?.consider(args.orgId, args.userId, args.limits, decision, periods, nowMs);
     let released = args.limits.maxConcurrent === 0;
     return {
       allowed: true,
@@ -264,12 +304,32 @@ export class RateLimiter {
   async close(): Promise<void> {
     if (this.probeTimer) clearInterval(this.probeTimer);
     this.probeTimer = null;
+    await this.leases?.close();
     await this.deps.usage.close();
     await this.deps.primary.close();
     await this.fallback?.close();
   }
 
   // -------------------------------------------------------------------------------------------
+
+  private leased(lease: Lease, orgId: string, cost: number, periods: Periods, nowMs: number): Admission {
+    this.stats.allowed++;
+    this.deps.usage.record(orgId, periods.day, periods.month, cost);
+    const leases = this.leases!;
+    let released = false;
+    return {
+      allowed: true,
+      retryAfterSeconds: 0,
+      decision: leaseDecision(lease),
+      periods,
+      nowMs,
+      release: () => {
+        if (released) return;
+        released = true;
+        leases.done(lease);
+      },
+    };
+  }
 
   private async decide(partition: string, req: AcquireRequest): Promise<{ decision: Decision; backend: LimiterBackend }> {
     if (!this.degraded || !this.fallback) {

@@ -7,7 +7,7 @@
  * Atomicity comes for free here: acquire() does all of its work synchronously, so no other call
  * can interleave between the check and the charge.
  */
-import type { AcquireRequest, BucketState, Decision, LimiterBackend, OrgLimits, Refusal } from './types.js';
+import type { AcquireRequest, BucketState, Decision, LimiterBackend, OrgLimits, Refusal, RefundRequest } from './types.js';
 
 /** Cap counters live a little longer than their period so a late request still finds them. */
 export const DAY_COUNTER_TTL_SECONDS = 2 * 86_400;
@@ -134,6 +134,9 @@ export function validateAcquireRequest(req: AcquireRequest): void {
   if (!Number.isFinite(req.nowMs) || !Number.isFinite(req.dayEndsMs) || !Number.isFinite(req.monthEndsMs)) {
     throw new RangeError('rate limiter: nowMs, dayEndsMs and monthEndsMs must be finite');
   }
+  if (req.slots !== undefined && (!Number.isSafeInteger(req.slots) || req.slots < 1)) {
+    throw new RangeError(`rate limiter: slots must be a positive integer, got ${req.slots}`);
+  }
   if (!Number.isFinite(req.slotTtlMs) || req.slotTtlMs < 1) {
     throw new RangeError(`rate limiter: slotTtlMs must be at least 1, got ${req.slotTtlMs}`);
   }
@@ -258,6 +261,12 @@ class LruStore {
   }
 }
 
+/** The members a take of `slots` slots adds, as limit.lua names them. */
+export function slotIds(slotId: string, slots: number): string[] {
+  if (slots === 1) return [slotId];
+  return Array.from({ length: slots }, (_, i) => `${slotId}#${i + 1}`);
+}
+
 export interface MemoryBackend extends LimiterBackend {
   readonly kind: 'memory';
   /** Keys currently held (for tests and metrics). */
@@ -300,7 +309,8 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
       }
     }
     let held = slotsEntry?.slots.size ?? 0;
-    const alreadyHeld = slotsEntry?.slots.has(req.slotId) ?? false;
+    const slots = req.slots ?? 1;
+    const alreadyHeld = slots === 1 && (slotsEntry?.slots.has(req.slotId) ?? false);
 
     const state = (allowed: boolean, refusedBy: Refusal | undefined, retryAfterSeconds: number, needsSeed: boolean): Decision => ({
       allowed,
@@ -350,7 +360,7 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
     if (monthEntry !== undefined && monthEntry.value + cost > limits.monthlyCap) {
       refuse('monthly_cap', secondsUntil(req.monthEndsMs, nowMs));
     }
-    if (concurrencyOn && !alreadyHeld && held >= limits.maxConcurrent) refuse('concurrency', 1);
+    if (concurrencyOn && !alreadyHeld && held + slots > limits.maxConcurrent) refuse('concurrency', 1);
     if (refusedBy !== undefined) return state(false, refusedBy, retryAfter, false);
 
     // 4. Charge everything.
@@ -367,15 +377,41 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
     if (concurrencyOn) {
       // Expire the set only once its newest slot is strictly older than the TTL, as the purge does.
       const expiresAt = nowMs + req.slotTtlMs + 1;
-      if (slotsEntry === undefined) {
-        store.set(keys.slots, { kind: 'slots', slots: new Map([[req.slotId, nowMs]]), expiresAt });
-      } else {
-        slotsEntry.slots.set(req.slotId, nowMs);
-        slotsEntry.expiresAt = expiresAt;
+      let entry = slotsEntry;
+      if (entry === undefined) {
+        entry = { kind: 'slots', slots: new Map(), expiresAt };
+        store.set(keys.slots, entry);
       }
-      if (!alreadyHeld) held += 1;
+      entry.expiresAt = expiresAt;
+      for (const id of slotIds(req.slotId, slots)) entry.slots.set(id, nowMs);
+      held = entry.slots.size;
     }
     return state(true, undefined, 0, false);
+  }
+
+  function refundNow(req: RefundRequest): void {
+    const { limits, nowMs, tokens } = req;
+    const keys = limiterKeys(req);
+    const giveBack = (key: string, burst: number, perSecond: number) => {
+      if (tokens <= 0 || !bucketIsOn(burst, perSecond)) return;
+      const entry = store.get(key, 'bucket', nowMs);
+      if (entry === undefined) return; // a missing bucket is full already
+      const now = refillBucket(entry, burst, perSecond, nowMs);
+      writeBucket(key, Math.min(burst, now.tokens + tokens), now.ts, bucketTtlSeconds(burst, perSecond), nowMs);
+    };
+    giveBack(keys.orgBucket, limits.orgBurst, limits.orgPerSecond);
+    giveBack(keys.userBucket, limits.userBurst, limits.userPerSecond);
+    for (const key of [keys.day, keys.month]) {
+      const counter = tokens > 0 ? store.get(key, 'counter', nowMs) : undefined;
+      if (counter !== undefined) counter.value -= Math.min(counter.value, tokens);
+    }
+    if (req.slots > 0) {
+      const entry = store.peek(keys.slots);
+      if (entry?.kind === 'slots') {
+        for (const id of slotIds(req.slotId, req.slots)) entry.slots.delete(id);
+        if (entry.slots.size === 0) store.delete(keys.slots);
+      }
+    }
   }
 
   function writeBucket(key: string, tokens: number, ts: number, ttlSeconds: number, nowMs: number): void {
@@ -393,6 +429,9 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
       if (entry?.kind !== 'slots') return;
       entry.slots.delete(slotId);
       if (entry.slots.size === 0) store.delete(key);
+    },
+    async refund(req) {
+      refundNow(req);
     },
     async close() {
       store.clear();

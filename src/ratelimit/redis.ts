@@ -1,5 +1,5 @@
 /**
- * Redis limiter backend: one Lua script per acquire (limit.lua), shared by every instance, so the
+ * Redis limiter backend: one Lua script per acquire (limit.lua) and one per lease refund (refund.lua), shared by every instance, so the
  * check-then-charge is atomic across all of them. Works on a single Redis and, unchanged, on a
  * Redis Cluster: every key of an org carries the hash tag `{org:<id>}` and all keys are passed in
  * KEYS, so the script touches one slot only.
@@ -16,24 +16,29 @@ import {
   slotsKey,
   validateAcquireRequest,
 } from './memory.js';
-import type { AcquireRequest, Decision, LimiterBackend } from './types.js';
+import type { AcquireRequest, Decision, LimiterBackend, RefundRequest } from './types.js';
 
 /** Name of the script's command on the ioredis client. */
 const ACQUIRE_COMMAND = 'llmAppRateLimitAcquire';
+const REFUND_COMMAND = 'llmAppRateLimitRefund';
 const KEY_COUNT = 5;
 const REPLY_LENGTH = 11;
 
-type AcquireCommand = (...keysAndArgs: string[]) => Promise<unknown>;
+type ScriptCommand = (...keysAndArgs: string[]) => Promise<unknown>;
 
-let scriptSource: string | undefined;
+const scriptSources = new Map<string, string>();
 
 /**
- * The script ships as a file next to this module (src/ under tsx, dist/ once built, where the
- * build copies it), read once on first use so that an app without Redis never needs it.
+ * The scripts ship as files next to this module (src/ under tsx, dist/ once built, where the
+ * build copies them), read once on first use so that an app without Redis never needs them.
  */
-function loadScript(): string {
-  scriptSource ??= readFileSync(new URL('./limit.lua', import.meta.url), 'utf8');
-  return scriptSource;
+function loadScript(file: 'limit.lua' | 'refund.lua'): string {
+  let source = scriptSources.get(file);
+  if (source === undefined) {
+    source = readFileSync(new URL(`./${file}`, import.meta.url), 'utf8');
+    scriptSources.set(file, source);
+  }
+  return source;
 }
 
 /**
@@ -41,12 +46,34 @@ function loadScript(): string {
  * NOSCRIPT (Redis restarted, flushed its script cache, or a cluster node seen for the first time),
  * so the script body crosses the network only when a node does not know it yet.
  */
-function defineAcquire(client: Redis | Cluster): AcquireCommand {
-  client.defineCommand(ACQUIRE_COMMAND, { lua: loadScript(), numberOfKeys: KEY_COUNT });
+function defineScript(client: Redis | Cluster, name: string, file: 'limit.lua' | 'refund.lua'): ScriptCommand {
+  client.defineCommand(name, { lua: loadScript(file), numberOfKeys: KEY_COUNT });
   // defineCommand adds the method at run time; ioredis cannot type it without augmenting its module.
-  const command = (client as unknown as Record<string, unknown>)[ACQUIRE_COMMAND];
-  if (typeof command !== 'function') throw new Error('rate limiter: ioredis did not define the acquire command');
-  return (...keysAndArgs) => (command as AcquireCommand).apply(client, keysAndArgs);
+  const command = (client as unknown as Record<string, unknown>)[name];
+  if (typeof command !== 'function') throw new Error(`rate limiter: ioredis did not define the ${file} command`);
+  return (...keysAndArgs) => (command as ScriptCommand).apply(client, keysAndArgs);
+}
+
+function refundArgs(req: RefundRequest): string[] {
+  const keys = limiterKeys(req);
+  const { limits } = req;
+  return [
+    keys.orgBucket,
+    keys.userBucket,
+    keys.day,
+    keys.month,
+    keys.slots,
+    String(req.nowMs),
+    String(req.tokens),
+    String(limits.orgBurst),
+    String(limits.orgPerSecond),
+    String(limits.userBurst),
+    String(limits.userPerSecond),
+    req.slotId,
+    String(req.slots),
+    String(BUCKET_TTL_MARGIN_SECONDS),
+    String(MAX_BUCKET_TTL_SECONDS),
+  ];
 }
 
 function scriptArgs(req: AcquireRequest): string[] {
@@ -80,6 +107,7 @@ function scriptArgs(req: AcquireRequest): string[] {
     String(MONTH_COUNTER_TTL_SECONDS),
     String(BUCKET_TTL_MARGIN_SECONDS),
     String(MAX_BUCKET_TTL_SECONDS),
+    String(req.slots ?? 1),
   ];
 }
 
@@ -115,7 +143,8 @@ export interface RedisBackend extends LimiterBackend {
  * created it quits it. Errors from Redis propagate; falling back to memory is the caller's job.
  */
 export function createRedisBackend(client: Redis | Cluster): RedisBackend {
-  const acquireScript = defineAcquire(client);
+  const acquireScript = defineScript(client, ACQUIRE_COMMAND, 'limit.lua');
+  const refundScript = defineScript(client, REFUND_COMMAND, 'refund.lua');
   return {
     kind: 'redis',
     async acquire(req) {
@@ -124,6 +153,9 @@ export function createRedisBackend(client: Redis | Cluster): RedisBackend {
     },
     async release(orgId, slotId) {
       await client.zrem(slotsKey(orgId), slotId);
+    },
+    async refund(req) {
+      await refundScript(...refundArgs(req));
     },
     async close() {
       // Nothing of our own to free; see above.

@@ -34,6 +34,11 @@ export interface AcquireRequest {
   readonly monthEndsMs: number;
   /** Unique id of the concurrency slot this request takes (the request id). */
   readonly slotId: string;
+  /**
+   * Concurrency slots to take (default 1: the slot `slotId`). A lease (src/ratelimit/leases.ts)
+   * takes n > 1 at once, named `slotId#1` ... `slotId#n`, and is refused unless all n fit.
+   */
+  readonly slots?: number;
   /** Longest a slot may be held before it is considered leaked (a crashed instance). */
   readonly slotTtlMs: number;
   /**
@@ -73,11 +78,29 @@ export interface Decision {
   readonly concurrent: number;
 }
 
+/** What a lease gives back: the tokens it did not use, and its slots. */
+export interface RefundRequest {
+  readonly orgId: string;
+  readonly userId: string;
+  readonly limits: OrgLimits;
+  /** Unused cost: back into both buckets (never above the burst), off both cap counters. */
+  readonly tokens: number;
+  readonly nowMs: number;
+  /** The lease's periods: its charge went to these counters. */
+  readonly day: string;
+  readonly month: string;
+  readonly slotId: string;
+  /** Slots the lease took (0 when the concurrency cap was off). */
+  readonly slots: number;
+}
+
 export interface LimiterBackend {
   readonly kind: 'redis' | 'memory';
   /** Checks every limit, then charges all of them, atomically: a refused request consumes nothing. */
   acquire(req: AcquireRequest): Promise<Decision>;
   /** Frees a concurrency slot; idempotent. */
   release(orgId: string, slotId: string): Promise<void>;
+  /** Gives back what a lease did not use; idempotent only for its slots, so call it once. */
+  refund(req: RefundRequest): Promise<void>;
   close(): Promise<void>;
 }

@@ -347,6 +347,51 @@ function contract(subject: () => Subject): void {
     });
   });
 
+  describe('leases: several slots at once, and refunds', () => {
+    const refund = (orgId: string, lim: OrgLimits, tokens: number, nowMs: number, slotId = 'none', slots = 0) =>
+      subject().a.refund({ orgId, userId: 'u1', limits: lim, tokens, nowMs, ...periodOf(nowMs), slotId, slots });
+
+    it('takes n slots only when all n fit, and frees all n on refund', async () => {
+      const org = subject().org();
+      const lim = limits({ maxConcurrent: 5 });
+      const first = await acquire(org, 'u1', lim, T0, { slotId: 'L1', slots: 3 });
+      expect([first.allowed, first.concurrent]).toEqual([true, 3]);
+      const tooMany = await acquire(org, 'u1', lim, T0, { slotId: 'L2', slots: 3 });
+      expect([tooMany.allowed, tooMany.refusedBy, tooMany.concurrent]).toEqual([false, 'concurrency', 3]);
+      const fits = await acquire(org, 'u1', lim, T0, { slotId: 'L3', slots: 2 });
+      expect([fits.allowed, fits.concurrent]).toEqual([true, 5]);
+      await refund(org, lim, 0, T0, 'L1', 3);
+      const after = await acquire(org, 'u1', lim, T0, { slotId: 'one' });
+      expect([after.allowed, after.concurrent]).toEqual([true, 3]);
+      // A lease of one slot is the slot slotId itself, as a request's.
+      await refund(org, lim, 0, T0, 'one', 1);
+      expect((await acquire(org, 'u1', lim, T0, { slotId: 'L4', slots: 1 })).concurrent).toBe(3);
+    });
+
+    it('gives unused tokens back to both buckets, never above the burst, and takes them off both counters, never below 0', async () => {
+      const org = subject().org();
+      const lim = limits({ orgBurst: 100, orgPerSecond: 1, userBurst: 50, userPerSecond: 1, dailyCap: 1_000, monthlyCap: 5_000 });
+      const lease = await acquire(org, 'u1', lim, T0, { cost: 30, seed: NO_USAGE });
+      expect([lease.allowed, lease.org.remaining, lease.user.remaining, lease.dayUsed, lease.monthUsed]).toEqual([true, 70, 20, 30, 30]);
+      await refund(org, lim, 10, T0);
+      const next = await acquire(org, 'u1', lim, T0);
+      expect([next.org.remaining, next.user.remaining, next.dayUsed, next.monthUsed]).toEqual([79, 29, 21, 21]);
+      // Refilled to now first (2 s: 2 tokens each), then given back, capped at the burst.
+      await refund(org, lim, 100, T0 + 2_000);
+      const full = await acquire(org, 'u1', lim, T0 + 2_000);
+      expect([full.org.remaining, full.user.remaining, full.dayUsed, full.monthUsed]).toEqual([99, 49, 1, 1]);
+    });
+
+    it('leaves a missing bucket or counter missing', async () => {
+      const org = subject().org();
+      const lim = limits({ orgBurst: 10, orgPerSecond: 1, dailyCap: 100 });
+      await refund(org, lim, 5, T0);
+      // Still a fresh org: a full bucket, and a counter that asks for its seed.
+      const d = await acquire(org, 'u1', lim, T0);
+      expect([d.allowed, d.needsSeed, d.org.remaining]).toEqual([false, true, 10]);
+    });
+  });
+
   describe('limits set to 0', () => {
     it('are off: nothing refuses, nothing is counted, no seed is asked for', async () => {
       const org = subject().org();

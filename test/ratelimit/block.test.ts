@@ -30,6 +30,7 @@ function countingBackend(delayMs: number): LimiterBackend & { calls: number } {
       return inner.acquire(req);
     },
     release: (orgId: string, slotId: string) => inner.release(orgId, slotId),
+    refund: (req: Parameters<LimiterBackend['refund']>[0]) => inner.refund(req),
     close: () => inner.close(),
   };
   return backend;

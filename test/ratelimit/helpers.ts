@@ -50,6 +50,8 @@ export interface RequestOptions {
   readonly slotId?: string;
   readonly slotTtlMs?: number;
   readonly seed?: { readonly day: number; readonly month: number };
+  /** Concurrency slots to take at once (a lease); default 1. */
+  readonly slots?: number;
 }
 
 export function request(orgId: string, userId: string, lim: OrgLimits, nowMs: number, opts: RequestOptions = {}): AcquireRequest {
@@ -63,6 +65,7 @@ export function request(orgId: string, userId: string, lim: OrgLimits, nowMs: nu
     slotId: opts.slotId ?? randomUUID(),
     slotTtlMs: opts.slotTtlMs ?? 60_000,
     ...(opts.seed === undefined ? {} : { seed: opts.seed }),
+    ...(opts.slots === undefined ? {} : { slots: opts.slots }),
   };
 }
 

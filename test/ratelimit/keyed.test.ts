@@ -68,6 +68,7 @@ describe('acquireKey on the memory backend', () => {
       kind: 'memory',
       acquire: (r) => (calls++, inner.acquire(r)),
       release: (orgId, slotId) => inner.release(orgId, slotId),
+      refund: (req) => inner.refund(req),
       close: () => inner.close(),
     };
     const limiter = await limiterOn(counting);

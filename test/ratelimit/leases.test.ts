@@ -1,0 +1,276 @@
+import { randomUUID } from 'node:crypto';
+import { Redis } from 'ioredis';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { RateLimiter, type Admission } from '../../src/ratelimit/limiter.js';
+import { createMemoryBackend } from '../../src/ratelimit/memory.js';
+import { createRedisBackend } from '../../src/ratelimit/redis.js';
+import type { LimiterBackend, OrgLimits } from '../../src/ratelimit/types.js';
+import { UsageRecorder } from '../../src/ratelimit/usage.js';
+import { testConfig } from '../helpers/app.js';
+import { getTestDb, silentLogger } from '../helpers/db.js';
+import { T0, limits, request } from './helpers.js';
+
+/**
+ * Leases (src/ratelimit/leases.ts): callers far from every limit are admitted from a lease
+ * charged in advance, without a backend call per request; near a limit, one by one. Never more
+ * than the limits; once the leases are given back, the backend holds exactly what was admitted.
+ */
+
+const redisUrl = process.env.TEST_REDIS_URL || process.env.REDIS_URL || undefined;
+
+const limiters: RateLimiter[] = [];
+const clients: Redis[] = [];
+afterEach(async () => {
+  await Promise.all(limiters.splice(0).map((l) => l.close()));
+});
+afterAll(async () => {
+  await Promise.all(clients.splice(0).map((c) => c.quit()));
+});
+
+/** A backend that counts the acquire calls reaching it. */
+function counting(inner: LimiterBackend): LimiterBackend & { acquires: number } {
+  const backend = {
+    kind: inner.kind,
+    acquires: 0,
+    acquire(req: Parameters<LimiterBackend['acquire']>[0]) {
+      backend.acquires++;
+      return inner.acquire(req);
+    },
+    release: (orgId: string, slotId: string) => inner.release(orgId, slotId),
+    refund: (req: Parameters<LimiterBackend['refund']>[0]) => inner.refund(req),
+    close: () => Promise.resolve(),
+  };
+  return backend;
+}
+
+async function limiterOn(backend: LimiterBackend, env: Record<string, string> = {}): Promise<RateLimiter> {
+  const config = testConfig({ RATE_LIMIT_LEASE_MAX: '64', ...env });
+  const usage = new UsageRecorder(await getTestDb(), silentLogger, 60_000);
+  const limiter = new RateLimiter({ primary: backend, createFallback: null, usage, config: config.rateLimit, logger: silentLogger });
+  limiters.push(limiter);
+  return limiter;
+}
+
+/** Lets the background lease requests (a promise or a Redis round trip away) finish. */
+const settle = () => new Promise((r) => setTimeout(r, 20));
+
+const FAR: OrgLimits = limits({
+  orgBurst: 1_000_000,
+  orgPerSecond: 0.001,
+  userBurst: 1_000_000,
+  userPerSecond: 0.001,
+  dailyCap: 10_000_000,
+  monthlyCap: 10_000_000,
+  maxConcurrent: 100_000,
+});
+
+interface Shared {
+  /** Two backends over the same state (two instances), each counting its calls. */
+  backends(): [LimiterBackend & { acquires: number }, LimiterBackend & { acquires: number }];
+  /** What the state holds for an org now: one request admitted and given back, to read it. */
+  read(orgId: string, lim: OrgLimits): Promise<{ orgRemaining: number; dayUsed: number; concurrent: number }>;
+}
+
+async function readBack(backend: LimiterBackend, orgId: string, lim: OrgLimits) {
+  // Caps and concurrency raised so that the read itself is admitted; the keys are the same.
+  const open = { ...lim, dailyCap: lim.dailyCap && 1e12, monthlyCap: lim.monthlyCap && 1e12, maxConcurrent: lim.maxConcurrent && 1e9 };
+  const req = request(orgId, 'reader', open, T0 + 1, { slotId: 'reader' });
+  const d = await backend.acquire(req);
+  expect(d.allowed).toBe(true);
+  await backend.refund({ ...req, tokens: 1, slots: 1 });
+  return { orgRemaining: d.org.remaining + 1, dayUsed: d.dayUsed - 1, concurrent: d.concurrent - 1 };
+}
+
+const memoryShared = (): Shared => {
+  const inner = createMemoryBackend({ maxKeys: 100_000 });
+  return {
+    backends: () => [counting(inner), counting(inner)],
+    read: (orgId, lim) => readBack(inner, orgId, lim),
+  };
+};
+
+const redisShared = (): Shared => {
+  const first = new Redis(redisUrl!, { maxRetriesPerRequest: 1 });
+  const second = new Redis(redisUrl!, { maxRetriesPerRequest: 1 });
+  clients.push(first, second);
+  const reader = createRedisBackend(first);
+  return {
+    backends: () => [counting(createRedisBackend(first)), counting(createRedisBackend(second))],
+    read: (orgId, lim) => readBack(reader, orgId, lim),
+  };
+};
+
+const acquire = (l: RateLimiter, orgId: string, userId: string, lim: OrgLimits, nowMs = T0): Promise<Admission> =>
+  l.acquireOrg({ orgId, userId, limits: lim, nowMs });
+
+const subjects: [string, () => Shared][] = [['memory', memoryShared]];
+if (redisUrl) subjects.push(['redis', redisShared]);
+
+describe.each(subjects)('leases on the %s backend', (_name, shared) => {
+  it('far from every limit, one backend call admits a lease of requests, and the RateLimit state counts down as one by one', async () => {
+    const [backend] = shared().backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    const remaining: number[] = [];
+    for (let i = 0; i < 300; i++) {
+      const a = await acquire(limiter, org, 'u1', FAR);
+      expect(a.allowed).toBe(true);
+      remaining.push(a.decision!.org.remaining, a.decision!.user.remaining);
+      a.release();
+      if (i % 10 === 0) await settle();
+    }
+    // 300 requests: the first one by one, then leases of 64 renewed in the background (a request
+    // that finds the lease spent before its successor arrives asks the backend itself).
+    expect(backend.acquires).toBeLessThan(40);
+    expect(limiter.leaseStats.admitted).toBeGreaterThan(200);
+    // Never more remaining than one by one would report; less by at most what leases hold unused.
+    remaining.forEach((r, i) => {
+      const exact = 1_000_000 - 1 - Math.floor(i / 2);
+      expect(r).toBeLessThanOrEqual(exact);
+      expect(r).toBeGreaterThan(exact - 2 * 64);
+    });
+    // From a lease, exactly: what the lease's charge left, plus what it has not used yet.
+    await settle();
+    const next = await acquire(limiter, org, 'u1', FAR);
+    expect([next.decision!.org.remaining, next.decision!.user.remaining, next.decision!.dayUsed]).toEqual([
+      1_000_000 - 301,
+      1_000_000 - 301,
+      301,
+    ]);
+    next.release();
+  });
+
+  it('near a limit, every request asks the backend: no lease with the default limits (a user bucket of 50)', async () => {
+    const [backend] = shared().backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    const defaults = testConfig({ ORG_RATE_LIMIT_BURST: '200', USER_RATE_LIMIT_BURST: '50', ORG_MAX_CONCURRENT_REQUESTS: '50' }).rateLimit
+      .defaults;
+    const admitted: boolean[] = [];
+    for (let i = 0; i < 60; i++) {
+      const a = await acquire(limiter, org, 'u1', { ...defaults, userPerSecond: 0.001 });
+      admitted.push(a.allowed);
+      a.release();
+      await settle();
+    }
+    expect(limiter.leaseStats.granted).toBe(0);
+    expect(admitted.filter(Boolean)).toHaveLength(50);
+  });
+
+  it('two instances never admit more than the limits, and once the leases are given back the backend holds exactly what was admitted', async () => {
+    const state = shared();
+    const [ba, bb] = state.backends();
+    const a = await limiterOn(ba);
+    const b = await limiterOn(bb);
+    const org = randomUUID();
+    // Room for leases at first, then near the cap: the end is decided one by one.
+    const lim = limits({ orgBurst: 5_000, orgPerSecond: 0.001, dailyCap: 3_000, maxConcurrent: 10_000 });
+    let allowed = 0;
+    const users = ['u1', 'u2', 'u3'];
+    for (let round = 0; round < 40; round++) {
+      const batch = await Promise.all(
+        Array.from({ length: 100 }, (_, i) => acquire(i % 2 === 0 ? a : b, org, users[(round + i) % 3]!, lim)),
+      );
+      for (const adm of batch) {
+        if (adm.allowed) allowed++;
+        adm.release();
+      }
+      await settle();
+    }
+    expect(a.leaseStats.granted + b.leaseStats.granted).toBeGreaterThan(0);
+    expect(allowed).toBeLessThanOrEqual(3_000);
+    // Leases held at the end are given back: a refund puts back exactly what was not used.
+    await Promise.all([a.close(), b.close()]);
+    const after = await state.read(org, lim);
+    expect(after.dayUsed).toBe(allowed);
+    expect(after.orgRemaining).toBe(5_000 - allowed);
+    expect(after.concurrent).toBe(0);
+    // Near the cap the rest went one by one: at most what the last leases held unused was left.
+    expect(allowed).toBeGreaterThan(3_000 - 2 * 3 * 64);
+  });
+
+  it('a lease unused for RATE_LIMIT_LEASE_IDLE_MS gives back its unused tokens and its slots', async () => {
+    const state = shared();
+    const [backend] = state.backends();
+    const limiter = await limiterOn(backend, { RATE_LIMIT_LEASE_IDLE_MS: '5000' });
+    const org = randomUUID();
+    for (let i = 0; i < 3; i++) {
+      (await acquire(limiter, org, 'u1', FAR)).release();
+      await settle();
+    }
+    expect(limiter.leaseStats.held).toBe(1);
+    const held = await state.read(org, FAR);
+    expect(held.dayUsed).toBeGreaterThan(3); // the lease is charged in advance
+    expect(held.concurrent).toBeGreaterThan(0); // and holds its slots
+    limiter.sweepLeases(T0 + 4_000);
+    expect(limiter.leaseStats.held).toBe(1);
+    limiter.sweepLeases(T0 + 5_000);
+    expect(limiter.leaseStats.held).toBe(0);
+    await settle();
+    const back = await state.read(org, FAR);
+    expect([back.dayUsed, back.orgRemaining, back.concurrent]).toEqual([3, 1_000_000 - 3, 0]);
+  });
+
+  it('new limits end the lease at once: the next request is decided under them, and the lease is given back', async () => {
+    const state = shared();
+    const [backend] = state.backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    for (let i = 0; i < 3; i++) {
+      (await acquire(limiter, org, 'u1', FAR)).release();
+      await settle();
+    }
+    expect(limiter.leaseStats.held).toBe(1);
+    const calls = backend.acquires;
+    // The org's limits change (the CLI): its daily cap is now what is already used.
+    const tight = { ...FAR, dailyCap: 3 };
+    const refused = await acquire(limiter, org, 'u1', tight);
+    expect([refused.allowed, refused.refusedBy]).toEqual([false, 'daily_cap']);
+    expect(backend.acquires).toBe(calls + 1);
+    await settle();
+    expect(limiter.leaseStats.refunded).toBeGreaterThan(0);
+    expect((await state.read(org, FAR)).dayUsed).toBe(3);
+  });
+
+  it('more requests in flight than a lease has slots go to the backend; the next lease takes more slots; all slots end free', async () => {
+    const state = shared();
+    const [backend] = state.backends();
+    // Leases big enough that tokens never run short here: only slots do.
+    const limiter = await limiterOn(backend, { RATE_LIMIT_LEASE_MAX: '1000' });
+    const org = randomUUID();
+    (await acquire(limiter, org, 'u1', FAR)).release();
+    await settle();
+    // 20 requests in flight at once, held: the first lease has 2 slots.
+    const first = await Promise.all(Array.from({ length: 20 }, () => acquire(limiter, org, 'u1', FAR)));
+    expect(first.every((adm) => adm.allowed)).toBe(true);
+    const callsAfterFirst = backend.acquires;
+    expect(callsAfterFirst).toBeGreaterThan(10);
+    for (const adm of first) adm.release();
+    // Renewals double the slots while they run short, up to 64: soon 20 in flight need no call.
+    for (let round = 0; round < 6; round++) {
+      const held = await Promise.all(Array.from({ length: 20 }, () => acquire(limiter, org, 'u1', FAR)));
+      for (const adm of held) adm.release();
+      await settle();
+    }
+    const before = backend.acquires;
+    const last = await Promise.all(Array.from({ length: 20 }, () => acquire(limiter, org, 'u1', FAR)));
+    expect(backend.acquires - before).toBe(0);
+    for (const adm of last) adm.release();
+    await limiter.close();
+    expect((await state.read(org, FAR)).concurrent).toBe(0);
+  });
+});
+
+describe('RATE_LIMIT_LEASE_MAX=0', () => {
+  it('turns leases off: every request asks the backend', async () => {
+    const [backend] = memoryShared().backends();
+    const limiter = await limiterOn(backend, { RATE_LIMIT_LEASE_MAX: '0' });
+    const org = randomUUID();
+    for (let i = 0; i < 50; i++) {
+      (await acquire(limiter, org, 'u1', FAR)).release();
+      await settle();
+    }
+    expect(backend.acquires).toBe(51); // the first request asks twice: the cap counters get their seed
+    expect(limiter.leaseStats.granted).toBe(0);
+  });
+});
