@@ -128,6 +128,8 @@ export interface LeaseTableDeps {
   maxAgeMs: number;
   /** Charges a lease: the limiter's own path to the backend (Redis, or the fallback in an outage). */
   acquire: (req: AcquireRequest) => Promise<{ decision: Decision; backend: LimiterBackend }>;
+  /** Whether a lease charged on this backend may be used: the shared one only, not an outage's fallback. */
+  leasable: (backend: LimiterBackend) => boolean;
   slotTtlMs: number;
   instance: string;
 }
@@ -316,6 +318,11 @@ export class LeaseTable {
       concurrent: d.concurrent,
     };
     this.stats.granted++;
+    if (!this.deps.leasable(backend)) {
+      // Charged on the fallback of an outage, whose limits are shares: decided one by one there.
+      this.giveBack(lease, nowMs);
+      return false;
+    }
     let users = this.byOrg.get(orgId);
     const current = users?.get(userId);
     if (this.closed || (previous !== null && current !== previous)) {

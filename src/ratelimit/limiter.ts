@@ -146,6 +146,7 @@ export class RateLimiter {
             slotTtlMs,
             instance: this.instance,
             acquire: (req) => this.decide(req.orgId, req),
+            leasable: (backend) => backend === deps.primary,
           })
         : null;
   }

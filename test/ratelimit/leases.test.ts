@@ -261,6 +261,44 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
   });
 });
 
+describe('during a Redis outage', () => {
+  it('admits from a lease granted before, and takes no new lease from the memory fallback, whose limits are shares', async () => {
+    const shared = createMemoryBackend({ maxKeys: 10_000 });
+    let up = true;
+    const fail = () => Promise.reject(new Error('connection refused'));
+    const flaky: LimiterBackend = {
+      kind: 'redis',
+      acquire: (req) => (up ? shared.acquire(req) : fail()),
+      release: (orgId, slotId) => (up ? shared.release(orgId, slotId) : fail()),
+      refund: (req) => (up ? shared.refund(req) : fail()),
+      close: () => Promise.resolve(),
+    };
+    const fallback = counting(createMemoryBackend({ maxKeys: 10_000 }));
+    const config = testConfig({ RATE_LIMIT_LEASE_MAX: '64' });
+    const usage = new UsageRecorder(await getTestDb(), silentLogger, 60_000);
+    const limiter = new RateLimiter({ primary: flaky, createFallback: () => fallback, usage, config: config.rateLimit, logger: silentLogger });
+    limiters.push(limiter);
+    const org = randomUUID();
+    for (let i = 0; i < 3; i++) {
+      (await acquire(limiter, org, 'u1', FAR)).release();
+      await settle();
+    }
+    expect(limiter.leaseStats.held).toBe(1);
+    up = false;
+    for (let i = 0; i < 60; i++) {
+      const a = await acquire(limiter, org, 'u1', FAR);
+      expect(a.allowed).toBe(true);
+      a.release();
+      await settle();
+    }
+    expect(limiter.mode).toBe('degraded');
+    // The lease from before was used (it was charged on Redis), then requests went one by one.
+    expect(limiter.leaseStats.admitted).toBeGreaterThan(0);
+    expect(fallback.acquires).toBeGreaterThan(10);
+    expect(limiter.leaseStats.held).toBe(0);
+  });
+});
+
 describe('RATE_LIMIT_LEASE_MAX=0', () => {
   it('turns leases off: every request asks the backend', async () => {
     const [backend] = memoryShared().backends();
