@@ -26,6 +26,15 @@ export interface Admission {
   readonly release: () => void;
 }
 
+export interface OrgAdmissionArgs {
+  orgId: string;
+  userId: string;
+  limits: OrgLimits;
+  cost?: number;
+  /** The clock (tests pass a simulated one). */
+  nowMs?: number;
+}
+
 export interface LimiterStats {
   allowed: number;
   refused: Record<Refusal, number>;
@@ -176,7 +185,16 @@ export class RateLimiter {
   }
 
   /** Admission of one authenticated request of an org. */
-  async acquireOrg(args: { orgId: string; userId: string; limits: OrgLimits; cost?: number; nowMs?: number }): Promise<Admission> {
+  async acquireOrg(args: OrgAdmissionArgs): Promise<Admission> {
+    return this.admit(args);
+  }
+
+  /**
+   * acquireOrg() without a promise when none is needed: limits off, a lease, or a refusal
+   * remembered in process are answered synchronously (the request path takes no microtask
+   * detour); only a request that asks the backend gets a promise.
+   */
+  admit(args: OrgAdmissionArgs): Admission | Promise<Admission> {
     const nowMs = args.nowMs ?? Date.now();
     const cost = args.cost ?? 1;
     const periods = utcPeriods(nowMs);
@@ -198,7 +216,18 @@ export class RateLimiter {
       return this.refusedFromBlock(userBlock, periods, nowMs);
     }
     const probed = orgBlock === PROBE ? orgKey : userBlock === PROBE ? userKey : null;
+    return this.askBackend(args, cost, periods, nowMs, orgKey, userKey, probed);
+  }
 
+  private async askBackend(
+    args: OrgAdmissionArgs,
+    cost: number,
+    periods: Periods,
+    nowMs: number,
+    orgKey: string,
+    userKey: string,
+    probed: string | null,
+  ): Promise<Admission> {
     const slotId = `${this.instance}:${++this.slotSeq}`;
     const { decision, backend } = await this.decide(args.orgId, {
       orgId: args.orgId,

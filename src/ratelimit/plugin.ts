@@ -1,4 +1,4 @@
-import type { FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
 import type { Config } from '../config/env.js';
 import { AppError } from '../errors.js';
 import { sendError } from '../middleware/errorHandler.js';
@@ -6,6 +6,8 @@ import { effectiveLimits } from '../models/orgLimits.model.js';
 import { rateLimitPolicy, rateLimitState } from './headers.js';
 import type { Admission, RateLimiter } from './limiter.js';
 import type { OrgLimits, Refusal } from './types.js';
+
+type HookDone = HookHandlerDoneFunction;
 
 declare module 'fastify' {
   interface FastifyRequest {
@@ -20,7 +22,21 @@ declare module 'fastify' {
 const AUTH_HEADERS = ['authorization', 'x-org-id', 'x-user-id'] as const;
 const hasAuthHeaders = (r: FastifyRequest) => AUTH_HEADERS.some((h) => r.headers[h] !== undefined);
 
+// A refused flood gets the same few answers over and over: an AppError is immutable, so each
+// (reason, wait) is built once. Bounded: the daily cap's wait counts down every second.
+const refusals = new Map<string, AppError>();
 function refusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {
+  const key = `${refusedBy}:${retryAfterSeconds}`;
+  let err = refusals.get(key);
+  if (err === undefined) {
+    if (refusals.size >= 1_000) refusals.clear();
+    err = buildRefusal(refusedBy, retryAfterSeconds);
+    refusals.set(key, err);
+  }
+  return err;
+}
+
+function buildRefusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {
   switch (refusedBy) {
     case 'org_rate':
       return new AppError('rate_limited', 'Too many requests for this organization; retry later', undefined, retryAfterSeconds);
@@ -76,22 +92,49 @@ function setHeaders(reply: FastifyReply, limits: OrgLimits, admission: Admission
 export function registerOrgLimit(scope: FastifyInstance, limiter: RateLimiter, config: Config): void {
   scope.decorateRequest('releaseRateLimitSlot', null);
   scope.decorateRequest('rateLimitAdmission', null);
-  scope.addHook('onRequest', async (request, reply) => {
-    const ctx = request.context;
-    if (!ctx) return; // requireContext, registered before, has refused it already
-    const limits = effectiveLimits(config.rateLimit.defaults, request.orgLimitOverrides);
-    const admission = await limiter.acquireOrg({ orgId: ctx.orgId, userId: ctx.userId, limits });
+  const admitted = (request: FastifyRequest, reply: FastifyReply, limits: OrgLimits, admission: Admission, done: HookDone): void => {
     setHeaders(reply, limits, admission);
-    // Answered here rather than thrown: a refused flood skips the error handler's work.
-    if (!admission.allowed) return sendError(request, reply, refusal(admission.refusedBy ?? 'org_rate', admission.retryAfterSeconds));
+    // Answered here rather than thrown: a refused flood skips the error handler's work. A hook
+    // that replies does not call done().
+    if (!admission.allowed) {
+      void sendError(request, reply, refusal(admission.refusedBy ?? 'org_rate', admission.retryAfterSeconds));
+      return;
+    }
     // The client may have gone while we waited: onRequestAbort has run already, and no response
     // will ever finish, so nothing else would free the slot.
     if (request.raw.destroyed) {
       admission.release();
+      done();
       return;
     }
     request.releaseRateLimitSlot = admission.release;
     request.rateLimitAdmission = admission;
+    done();
+  };
+  // Callback style: most requests (a lease, a remembered refusal) are admitted synchronously, and
+  // an async hook would cost each of them a promise and a microtask turn.
+  scope.addHook('onRequest', (request, reply, done) => {
+    const ctx = request.context;
+    if (!ctx) {
+      done(); // requireContext, registered before, has refused it already
+      return;
+    }
+    const limits = effectiveLimits(config.rateLimit.defaults, request.orgLimitOverrides);
+    let answer: Admission | Promise<Admission>;
+    try {
+      answer = limiter.admit({ orgId: ctx.orgId, userId: ctx.userId, limits });
+    } catch (err) {
+      done(err as Error);
+      return;
+    }
+    if (answer instanceof Promise) {
+      answer.then(
+        (admission) => admitted(request, reply, limits, admission, done),
+        (err: Error) => done(err),
+      );
+    } else {
+      admitted(request, reply, limits, answer, done);
+    }
   });
   const release = (request: FastifyRequest) => {
     request.releaseRateLimitSlot?.();
