@@ -53,6 +53,27 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth
     },
   });
   new Counter({
+    name: 'rate_limit_lease_events_total',
+    help: 'Leases since start: granted, given back, and requests admitted from one without a backend call',
+    labelNames: ['event'] as const,
+    registers: [registry],
+    collect() {
+      const s = limiter.leaseStats;
+      this.reset();
+      this.inc({ event: 'granted' }, s.granted);
+      this.inc({ event: 'given_back' }, s.refunded);
+      this.inc({ event: 'admitted' }, s.admitted);
+    },
+  });
+  new Gauge({
+    name: 'rate_limit_leases',
+    help: 'Leases this instance holds (callers far from their limits, admitted locally)',
+    registers: [registry],
+    collect() {
+      this.set(limiter.leaseStats.held);
+    },
+  });
+  new Counter({
     name: 'auth_cache_lookups_total',
     help: 'Caller lookups since start: hit, negative_hit (a cached refusal), coalesced (joined a query in flight), query',
     labelNames: ['result'] as const,

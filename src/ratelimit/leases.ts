@@ -41,7 +41,24 @@ const MAX_LEASE_SLOTS = 64;
 /** How often idle and old leases are looked for. */
 const SWEEP_INTERVAL_MS = 1_000;
 
+/** This instance's leases of one org, and what the org's numbers are once they are counted in. */
+interface OrgLeases {
+  readonly users: Map<string, Lease>;
+  /** Leases not given back yet: current ones and retired ones whose requests are in flight. */
+  leases: number;
+  /** Tokens and slots those leases hold and no request has used: charged on the backend, not spent. */
+  unusedTokens: number;
+  unusedSlots: number;
+  // The backend's last answer about the org (a lease's charge or a request decided one by one).
+  orgRemaining: number;
+  orgResetSeconds: number;
+  dayUsed: number;
+  monthUsed: number;
+  concurrent: number;
+}
+
 export interface Lease {
+  readonly org: OrgLeases;
   readonly orgId: string;
   readonly userId: string;
   readonly limits: OrgLimits;
@@ -63,14 +80,9 @@ export interface Lease {
   /** A request found every slot in use: the next lease takes more. */
   slotsShort: boolean;
   renewing: boolean;
-  // The backend's answer to the lease's charge, for the RateLimit field of its requests.
-  readonly orgRemaining: number;
-  readonly orgResetSeconds: number;
+  /** The user bucket as the lease's charge left it. */
   readonly userRemaining: number;
   readonly userResetSeconds: number;
-  readonly dayUsed: number;
-  readonly monthUsed: number;
-  readonly concurrent: number;
 }
 
 export interface LeaseSize {
@@ -89,10 +101,15 @@ const sameLimits = (a: OrgLimits, b: OrgLimits) =>
     a.maxConcurrent === b.maxConcurrent);
 
 /**
- * The lease a caller may take after the backend answered `d` (an admission), or null when any
- * limit is too close: each limit that is on must keep LEASE_HEADROOM times the lease after it.
+ * The lease a caller may take after the backend answered `d`, or null when any limit is too
+ * close: each limit that is on must keep LEASE_HEADROOM times the lease after it.
  */
-export function leaseSize(limits: OrgLimits, d: Decision, maxTokens: number, wantSlots: number): LeaseSize | null {
+export function leaseSize(
+  limits: OrgLimits,
+  d: Pick<Decision, 'org' | 'user' | 'dayUsed' | 'monthUsed' | 'concurrent'>,
+  maxTokens: number,
+  wantSlots: number,
+): LeaseSize | null {
   let room = Infinity;
   if (limits.orgBurst > 0 && limits.orgPerSecond > 0) room = Math.min(room, d.org.remaining);
   if (limits.userBurst > 0 && limits.userPerSecond > 0) room = Math.min(room, d.user.remaining);
@@ -103,20 +120,6 @@ export function leaseSize(limits: OrgLimits, d: Decision, maxTokens: number, wan
   if (limits.maxConcurrent === 0) return { tokens, slots: 0 };
   const slots = Math.min(wantSlots, Math.floor((limits.maxConcurrent - d.concurrent) / (LEASE_HEADROOM + 1)));
   return slots >= 1 ? { tokens, slots } : null;
-}
-
-/** The state a leased request reports in its RateLimit field: the lease's charge, less what is still unused. */
-export function leaseDecision(lease: Lease): Decision {
-  return {
-    allowed: true,
-    retryAfterSeconds: 0,
-    needsSeed: false,
-    org: { remaining: lease.orgRemaining + lease.tokens, resetSeconds: lease.orgResetSeconds },
-    user: { remaining: lease.userRemaining + lease.tokens, resetSeconds: lease.userResetSeconds },
-    dayUsed: lease.dayUsed - lease.tokens,
-    monthUsed: lease.monthUsed - lease.tokens,
-    concurrent: lease.concurrent,
-  };
 }
 
 export interface LeaseTableDeps {
@@ -142,15 +145,14 @@ export interface LeaseStats {
 }
 
 export class LeaseTable {
-  /** org id -> user id -> the caller's current lease. Nested to avoid a key string per request. */
-  private readonly byOrg = new Map<string, Map<string, Lease>>();
+  /** org id -> this instance's leases of the org. Nested to avoid a key string per request. */
+  private readonly byOrg = new Map<string, OrgLeases>();
   /** Callers whose first lease is being asked for. */
   private readonly granting = new Set<string>();
   private readonly refunds = new Set<Promise<void>>();
-  /** Retired leases whose requests are still in flight: they hold their slots until the last ends. */
-  private readonly draining = new Set<Lease>();
   private readonly timer: NodeJS.Timeout;
   private seq = 0;
+  private held = 0;
   private closed = false;
   readonly stats: LeaseStats = { admitted: 0, granted: 0, refunded: 0 };
 
@@ -159,10 +161,9 @@ export class LeaseTable {
     this.timer.unref();
   }
 
+  /** Current leases (one per caller at most). */
   get size(): number {
-    let n = 0;
-    for (const users of this.byOrg.values()) n += users.size;
-    return n;
+    return this.held;
   }
 
   /**
@@ -170,7 +171,7 @@ export class LeaseTable {
    * its slots in use, or no longer valid (then it is given back). Synchronous.
    */
   take(orgId: string, userId: string, limits: OrgLimits, cost: number, periods: Periods, nowMs: number): Lease | null {
-    const lease = this.byOrg.get(orgId)?.get(userId);
+    const lease = this.byOrg.get(orgId)?.users.get(userId);
     if (lease === undefined) return null;
     if (
       !sameLimits(lease.limits, limits) ||
@@ -187,6 +188,8 @@ export class LeaseTable {
       return null;
     }
     lease.tokens -= cost;
+    lease.org.unusedTokens -= cost;
+    if (lease.slots > 0) lease.org.unusedSlots--;
     lease.inFlight++;
     lease.lastUsedMs = nowMs;
     this.stats.admitted++;
@@ -197,18 +200,51 @@ export class LeaseTable {
   /** The end of a request admitted from `lease`. */
   done(lease: Lease): void {
     lease.inFlight--;
-    if (lease.retired && lease.inFlight === 0) {
-      this.draining.delete(lease);
-      this.giveBack(lease, lease.lastUsedMs);
-    }
+    if (lease.slots > 0) lease.org.unusedSlots++;
+    if (lease.retired && lease.inFlight === 0) this.giveBack(lease, lease.lastUsedMs);
   }
 
-  /** Slots this instance's leases of the org hold and no request uses: held, yet not in flight. */
-  unusedSlots(orgId: string): number {
-    let n = 0;
-    for (const lease of this.byOrg.get(orgId)?.values() ?? []) n += lease.slots - lease.inFlight;
-    for (const lease of this.draining) if (lease.orgId === orgId) n += lease.slots - lease.inFlight;
-    return n;
+  /**
+   * What a request admitted from `lease` reports (RateLimit field, GET /v1/org/usage): the
+   * backend's last answer about the org, with what this instance's leases hold unused counted
+   * back in, as if every request had been decided one by one.
+   */
+  leasedDecision(lease: Lease): Decision {
+    const o = lease.org;
+    return {
+      allowed: true,
+      retryAfterSeconds: 0,
+      needsSeed: false,
+      org: { remaining: o.orgRemaining + o.unusedTokens, resetSeconds: o.orgResetSeconds },
+      user: { remaining: lease.userRemaining + lease.tokens, resetSeconds: lease.userResetSeconds },
+      dayUsed: o.dayUsed - o.unusedTokens,
+      monthUsed: o.monthUsed - o.unusedTokens,
+      concurrent: o.concurrent - o.unusedSlots,
+    };
+  }
+
+  /**
+   * The same for a request the backend decided (`d`): the backend's numbers count what this
+   * instance's leases of the org hold unused as spent; they are counted back in. Also keeps `d`
+   * as the org's latest answer. Returns `d` itself when the org has no lease here.
+   */
+  reportedDecision(orgId: string, userId: string, d: Decision): Decision {
+    const o = this.byOrg.get(orgId);
+    if (o === undefined) return d;
+    o.orgRemaining = d.org.remaining;
+    o.orgResetSeconds = d.org.resetSeconds;
+    o.dayUsed = d.dayUsed;
+    o.monthUsed = d.monthUsed;
+    o.concurrent = d.concurrent;
+    const own = o.users.get(userId)?.tokens ?? 0;
+    return {
+      ...d,
+      org: { remaining: d.org.remaining + o.unusedTokens, resetSeconds: d.org.resetSeconds },
+      user: { remaining: d.user.remaining + own, resetSeconds: d.user.resetSeconds },
+      dayUsed: d.dayUsed - o.unusedTokens,
+      monthUsed: d.monthUsed - o.unusedTokens,
+      concurrent: d.concurrent - o.unusedSlots,
+    };
   }
 
   /**
@@ -216,7 +252,7 @@ export class LeaseTable {
    * background if `d` shows room enough. The request itself does not wait for it.
    */
   consider(orgId: string, userId: string, limits: OrgLimits, d: Decision, periods: Periods, nowMs: number): void {
-    if (this.closed || this.byOrg.get(orgId)?.has(userId) === true) return;
+    if (this.closed || this.byOrg.get(orgId)?.users.has(userId) === true) return;
     const size = leaseSize(limits, d, Math.min(FIRST_LEASE_TOKENS, this.deps.maxTokens), FIRST_LEASE_SLOTS);
     if (size === null) return;
     const key = `${orgId}\n${userId}`;
@@ -230,14 +266,14 @@ export class LeaseTable {
     this.closed = true;
     clearInterval(this.timer);
     const nowMs = Date.now();
-    for (const users of this.byOrg.values()) for (const lease of users.values()) this.retire(lease, nowMs);
+    for (const o of [...this.byOrg.values()]) for (const lease of [...o.users.values()]) this.retire(lease, nowMs);
     while (this.refunds.size > 0) await Promise.all([...this.refunds]);
   }
 
   /** Gives back the leases idle for idleMs or older than maxAgeMs (every second, and from tests). */
   sweep(nowMs: number): void {
-    for (const users of this.byOrg.values()) {
-      for (const lease of users.values()) {
+    for (const o of [...this.byOrg.values()]) {
+      for (const lease of [...o.users.values()]) {
         if (nowMs - lease.lastUsedMs >= this.deps.idleMs || nowMs - lease.grantedAtMs >= this.deps.maxAgeMs) this.retire(lease, nowMs);
       }
     }
@@ -249,8 +285,16 @@ export class LeaseTable {
     if (lease.renewing || lease.retired || this.closed) return;
     const slots = lease.slots === 0 ? 0 : lease.slotsShort ? Math.min(MAX_LEASE_SLOTS, lease.slots * 2) : lease.slots;
     const wanted = nowMs - lease.grantedAtMs < FAST_LEASE_MS ? Math.min(this.deps.maxTokens, lease.size * 2) : lease.size;
-    // The last answer of the backend, as the lease knows it, decides the next size.
-    const size = leaseSize(limits, leaseDecision(lease), wanted, Math.max(1, slots));
+    // The backend's last answer decides the next size (what leases hold unused counts as spent).
+    const o = lease.org;
+    const last = {
+      org: { remaining: o.orgRemaining, resetSeconds: o.orgResetSeconds },
+      user: { remaining: lease.userRemaining, resetSeconds: lease.userResetSeconds },
+      dayUsed: o.dayUsed,
+      monthUsed: o.monthUsed,
+      concurrent: o.concurrent,
+    };
+    const size = leaseSize(limits, last, wanted, Math.max(1, slots));
     if (size === null) return; // near a limit now: the caller goes one by one once this lease is spent
     lease.renewing = true;
     // Topped up to the size, not added on top: what the lease still holds carries over.
@@ -274,6 +318,7 @@ export class LeaseTable {
     previous: Lease | null,
   ): Promise<boolean> {
     const slotId = `${this.deps.instance}:lease${++this.seq}`;
+    const slots = limits.maxConcurrent > 0 ? Math.max(1, size.slots) : 0;
     let answer: { decision: Decision; backend: LimiterBackend };
     try {
       answer = await this.deps.acquire({
@@ -284,7 +329,7 @@ export class LeaseTable {
         nowMs,
         ...periods,
         slotId,
-        slots: Math.max(1, size.slots),
+        slots: Math.max(1, slots),
         slotTtlMs: this.deps.slotTtlMs,
       });
     } catch {
@@ -292,7 +337,22 @@ export class LeaseTable {
     }
     const { decision: d, backend } = answer;
     if (!d.allowed) return false; // refused whole: nothing was charged, and no request was refused
+    this.stats.granted++;
+    let o = this.byOrg.get(orgId);
+    if (o === undefined) {
+      o = { users: new Map(), leases: 0, unusedTokens: 0, unusedSlots: 0, orgRemaining: 0, orgResetSeconds: 0, dayUsed: 0, monthUsed: 0, concurrent: 0 };
+      this.byOrg.set(orgId, o);
+    }
+    o.orgRemaining = d.org.remaining;
+    o.orgResetSeconds = d.org.resetSeconds;
+    o.dayUsed = d.dayUsed;
+    o.monthUsed = d.monthUsed;
+    o.concurrent = d.concurrent;
+    o.leases++;
+    o.unusedTokens += cost;
+    o.unusedSlots += slots;
     const lease: Lease = {
+      org: o,
       orgId,
       userId,
       limits,
@@ -300,7 +360,7 @@ export class LeaseTable {
       day: periods.day,
       month: periods.month,
       slotId,
-      slots: limits.maxConcurrent > 0 ? Math.max(1, size.slots) : 0,
+      slots,
       grantedAtMs: nowMs,
       size: size.tokens,
       tokens: cost,
@@ -309,32 +369,19 @@ export class LeaseTable {
       retired: false,
       slotsShort: false,
       renewing: false,
-      orgRemaining: d.org.remaining,
-      orgResetSeconds: d.org.resetSeconds,
       userRemaining: d.user.remaining,
       userResetSeconds: d.user.resetSeconds,
-      dayUsed: d.dayUsed,
-      monthUsed: d.monthUsed,
-      concurrent: d.concurrent,
     };
-    this.stats.granted++;
-    if (!this.deps.leasable(backend)) {
-      // Charged on the fallback of an outage, whose limits are shares: decided one by one there.
+    const current = o.users.get(userId);
+    if (!this.deps.leasable(backend) || this.closed || (previous !== null && current !== previous)) {
+      // Charged on the fallback of an outage (whose limits are shares: decided one by one there),
+      // or closed, or the lease it was to follow is gone: given back at once.
+      lease.retired = true;
       this.giveBack(lease, nowMs);
-      return false;
+      return this.deps.leasable(backend);
     }
-    let users = this.byOrg.get(orgId);
-    const current = users?.get(userId);
-    if (this.closed || (previous !== null && current !== previous)) {
-      // Closed, or the lease it was to follow is gone (given back, replaced): give this one back.
-      this.giveBack(lease, nowMs);
-      return true;
-    }
-    if (users === undefined) {
-      users = new Map();
-      this.byOrg.set(orgId, users);
-    }
-    users.set(userId, lease);
+    o.users.set(userId, lease);
+    this.held++;
     if (current !== undefined) {
       // The previous lease's unused tokens carry over when nothing it was charged under changed;
       // its slots stay with its requests in flight, and are freed when the last one ends.
@@ -350,20 +397,23 @@ export class LeaseTable {
   private retire(lease: Lease, nowMs: number): void {
     if (lease.retired) return;
     lease.retired = true;
-    const users = this.byOrg.get(lease.orgId);
-    if (users?.get(lease.userId) === lease) {
-      users.delete(lease.userId);
-      if (users.size === 0) this.byOrg.delete(lease.orgId);
+    if (lease.org.users.get(lease.userId) === lease) {
+      lease.org.users.delete(lease.userId);
+      this.held--;
     }
     if (lease.inFlight === 0) this.giveBack(lease, nowMs);
-    else this.draining.add(lease);
   }
 
   /** `nowMs`: the caller's clock (tests run on a simulated one); buckets refill to it first. */
   private giveBack(lease: Lease, nowMs: number): void {
-    if (lease.tokens === 0 && lease.slots === 0) return;
+    const o = lease.org;
     const tokens = lease.tokens;
     lease.tokens = 0;
+    o.unusedTokens -= tokens;
+    o.unusedSlots -= lease.slots - lease.inFlight;
+    o.leases--;
+    if (o.leases === 0 && this.byOrg.get(lease.orgId) === o) this.byOrg.delete(lease.orgId);
+    if (tokens === 0 && lease.slots === 0) return;
     this.stats.refunded++;
     const refund = lease.backend
       .refund({

@@ -1,7 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { RateLimitConfig } from '../config/env.js';
-import { LeaseTable, leaseDecision, type Lease } from './leases.js';
+import { LeaseTable, type Lease } from './leases.js';
 import { utcPeriods, type Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits, Refusal } from './types.js';
 import type { UsageRecorder } from './usage.js';
@@ -166,14 +166,6 @@ export class RateLimiter {
     return { admitted: s?.admitted ?? 0, granted: s?.granted ?? 0, refunded: s?.refunded ?? 0, held: this.leases?.size ?? 0 };
   }
 
-  /**
-   * Slots held for the org by this instance's leases that no request uses. A backend's count of
-   * held slots includes them (and other instances' such slots): requests in flight are fewer.
-   */
-  unusedLeaseSlots(orgId: string): number {
-    return this.leases?.unusedSlots(orgId) ?? 0;
-  }
-
   /** Gives back the leases idle for RATE_LIMIT_LEASE_IDLE_MS at `nowMs` (runs every second by itself). */
   sweepLeases(nowMs = Date.now()): void {
     this.leases?.sweep(nowMs);
@@ -242,6 +234,8 @@ export class RateLimiter {
     this.rememberUsage(args.orgId, periods, decision, backend);
     // The probe is answered: the block it stood for ends here, or is replaced just below.
     if (probed !== null) this.blocked.delete(probed);
+    // What the request reports: with what this instance's leases hold unused counted back in.
+    const reported = backend === this.deps.primary && this.leases ? this.leases.reportedDecision(args.orgId, args.userId, decision) : decision;
     if (!decision.allowed) {
       const refusedBy = decision.refusedBy ?? 'org_rate';
       this.stats.refused[refusedBy]++;
@@ -249,7 +243,7 @@ export class RateLimiter {
         const key = refusedBy === 'user_rate' ? userKey : orgKey;
         this.block(key, nowMs, blockMs(decision, args.limits, cost), decision.retryAfterSeconds, refusedBy, decision);
       }
-      return { allowed: false, refusedBy, retryAfterSeconds: decision.retryAfterSeconds, decision, periods, nowMs, release: NO_RELEASE };
+      return { allowed: false, refusedBy, retryAfterSeconds: decision.retryAfterSeconds, decision: reported, periods, nowMs, release: NO_RELEASE };
     }
     this.stats.allowed++;
     this.deps.usage.record(args.orgId, periods.day, periods.month, cost);
@@ -259,7 +253,7 @@ export class RateLimiter {
     return {
       allowed: true,
       retryAfterSeconds: 0,
-      decision,
+      decision: reported,
       periods,
       nowMs,
       release: () => {
@@ -350,7 +344,7 @@ export class RateLimiter {
     return {
       allowed: true,
       retryAfterSeconds: 0,
-      decision: leaseDecision(lease),
+      decision: leases.leasedDecision(lease),
       periods,
       nowMs,
       release: () => {

@@ -93,9 +93,7 @@ export const usageRoutes: FastifyPluginAsyncZod<{ config: Config; limiter: RateL
           day: quota(periods.day, limits.dailyCap, used.day, periods.dayEndsMs),
           month: quota(periods.month, limits.monthlyCap, used.month, periods.monthEndsMs),
         },
-        // The backend counts slots held; this instance's leases hold some that no request uses.
-        // This request is in flight, whatever else the count says.
-        concurrency: { max: limits.maxConcurrent, inFlight: d ? Math.max(1, d.concurrent - limiter.unusedLeaseSlots(ctx.orgId)) : null },
+        concurrency: { max: limits.maxConcurrent, inFlight: d ? d.concurrent : null },
       };
     },
   );
