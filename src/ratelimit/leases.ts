@@ -272,8 +272,9 @@ export class LeaseTable {
 
   /** Gives back the leases idle for idleMs or older than maxAgeMs (every second, and from tests). */
   sweep(nowMs: number): void {
-    for (const o of [...this.byOrg.values()]) {
-      for (const lease of [...o.users.values()]) {
+    // A Map's iteration goes on correctly past entries deleted during it (retire() deletes).
+    for (const o of this.byOrg.values()) {
+      for (const lease of o.users.values()) {
         if (nowMs - lease.lastUsedMs >= this.deps.idleMs || nowMs - lease.grantedAtMs >= this.deps.maxAgeMs) this.retire(lease, nowMs);
       }
     }
