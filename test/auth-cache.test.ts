@@ -64,6 +64,30 @@ describe('AuthCache against the database', () => {
     expect(cache.peek(a.org.id, a.member.id)?.limitOverrides).toEqual({ dailyCap: 77, orgBurst: 5 });
   });
 
+  it('keeps a refusal even when it is the first answer it ever stores (its LRUs are made on first use)', async () => {
+    const counter = countingLoader(db);
+    const cache = new AuthCache(counter.load, OPTS);
+    const unknownUser = randomUUID();
+    await cache.lookup(a.org.id, unknownUser);
+    expect(cache.peek(a.org.id, unknownUser)).toMatchObject({ orgExists: true, user: null });
+    const unknownOrg = randomUUID();
+    await cache.lookup(unknownOrg, a.member.id);
+    expect(cache.peek(unknownOrg, randomUUID())).toMatchObject({ orgExists: false, user: null });
+    expect(counter.calls).toBe(2);
+    expect(cache.stats()).toMatchObject({ size: 0, negativeSize: 2 });
+  });
+
+  it('keeps cached callers compact: timestamps as ISO strings, one shared object for "no limit overrides"', async () => {
+    const t = await createTenant();
+    const cache = new AuthCache(countingLoader(db).load, OPTS);
+    const [owner, member] = [await cache.lookup(t.org.id, t.owner.id), await cache.lookup(t.org.id, t.member.id)];
+    expect(owner.user?.createdAt).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    expect(owner.user?.updatedAt).toMatch(/^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$/);
+    expect(owner.limitOverrides).toEqual({});
+    expect(owner.limitOverrides).toBe(member.limitOverrides);
+    expect(Object.isFrozen(owner.limitOverrides)).toBe(true);
+  });
+
   it('is bounded: the least recently used callers go first', async () => {
     const t = await createTenant();
     const users = [t.owner, t.admin, t.member, ...(await Promise.all([1, 2, 3, 4, 5, 6, 7].map(() => t.addUser('member'))))];

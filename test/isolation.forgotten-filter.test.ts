@@ -33,8 +33,8 @@ const toUser = (r: Row): User => ({
   email: r.email,
   name: r.name,
   role: r.role,
-  createdAt: r.created_at,
-  updatedAt: r.updated_at,
+  createdAt: r.created_at.toISOString(),
+  updatedAt: r.updated_at.toISOString(),
 });
 
 vi.mock('../src/models/user.model.js', async (importOriginal) => {

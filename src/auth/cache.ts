@@ -108,8 +108,12 @@ export interface AuthCacheStats {
 type InvalidationLog = Map<string, { epoch: number; at: number }>;
 
 export class AuthCache<V = AuthLookup> {
-  private readonly positive: LRUCache<string, Entry<V>> | null;
-  private readonly negative: LRUCache<string, Entry<V>> | null;
+  private readonly enabled: boolean;
+  // Made on the first store: an LRU with a \`max\` allocates its slots for \`max\` entries up front
+  // (4 MB for 100,000), and a cache of credentials this server never sees (API keys, sessions)
+  // would hold that from start to exit.
+  private positive: LRUCache<string, Entry<V>> | undefined;
+  private negative: LRUCache<string, Entry<V>> | undefined;
   private readonly inflight = new Map<string, Flight<V>>();
   private epoch = 0;
   private allInvalidatedAt = 0;
@@ -126,27 +130,22 @@ export class AuthCache<V = AuthLookup> {
   ) {
     // Without a policy the values are AuthLookups (the default type argument).
     this.policy = policy ?? (USER_LOOKUP_POLICY as unknown as CachePolicy<V>);
-    if (opts.ttlMs > 0) {
-      this.positive = new LRUCache({ max: opts.maxEntries, ttl: opts.ttlMs });
-      this.negative = new LRUCache({ max: opts.negativeMaxEntries, ttl: opts.ttlMs });
-    } else {
-      this.positive = null;
-      this.negative = null;
-    }
+    this.enabled = opts.ttlMs > 0;
   }
 
   /** The cached answer, or undefined when it must be looked up (then call `lookup`). */
   peek(orgId: string, userId: string): V | undefined {
-    if (!this.positive || !this.negative) return undefined;
+    if (!this.enabled) return undefined;
     const key = `${orgId}:${userId}`;
-    const hit = this.positive.get(key);
+    const hit = this.positive?.get(key);
     if (hit) {
       if (!this.isStale(hit, orgId, userId)) {
         this.counts.hits++;
         return hit.value;
       }
-      this.positive.delete(key);
+      this.positive!.delete(key);
     }
+    if (!this.negative) return undefined;
     for (const negativeKey of [key, orgKey(orgId)]) {
       const miss = this.negative.get(negativeKey);
       if (!miss) continue;
@@ -164,7 +163,7 @@ export class AuthCache<V = AuthLookup> {
     const cached = this.peek(orgId, userId);
     if (cached) return cached;
     this.counts.misses++;
-    if (!this.positive) {
+    if (!this.enabled) {
       this.counts.loads++;
       return this.load(orgId, userId);
     }
@@ -251,22 +250,25 @@ export class AuthCache<V = AuthLookup> {
   }
 
   private store(key: string, orgId: string, userId: string, entry: Entry<V>, startedAt: number): void {
-    if (!this.positive || !this.negative) return;
+    if (!this.enabled) return;
     if (this.isStale(entry, orgId, userId)) return;
     const ttl = Math.floor(this.opts.ttlMs - (performance.now() - startedAt));
     if (ttl <= 0) return;
     this.policy.freeze?.(entry.value);
-    switch (this.policy.classify(entry.value, orgId)) {
-      case 'positive':
-        this.positive.set(key, entry, { ttl });
-        this.negative.delete(key);
-        break;
+    const classified = this.policy.classify(entry.value, orgId);
+    if (classified === 'positive') {
+      (this.positive ??= new LRUCache({ max: this.opts.maxEntries, ttl: this.opts.ttlMs })).set(key, entry, { ttl });
+      this.negative?.delete(key);
+      return;
+    }
+    const negative = (this.negative ??= new LRUCache({ max: this.opts.negativeMaxEntries, ttl: this.opts.ttlMs }));
+    switch (classified) {
       case 'unknown_org':
         // Whatever the id, an unknown org answers 401: one entry serves every id in it.
-        this.negative.set(orgKey(orgId), { value: this.policy.unknownOrg, epoch: entry.epoch }, { ttl });
+        negative.set(orgKey(orgId), { value: this.policy.unknownOrg, epoch: entry.epoch }, { ttl });
         break;
       case 'negative':
-        this.negative.set(key, entry, { ttl });
+        negative.set(key, entry, { ttl });
         break;
     }
   }

@@ -6,7 +6,7 @@ import type { Database } from '../infra/database.js';
 import { API_KEY_PREFIX, roleAtLeast } from '../middleware/authenticate.js';
 import type { RequestContext, RequestMeta, Role } from '../types/context.js';
 import { appendAuditLog, userActor } from './audit.model.js';
-import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
+import { lookupOverridesFromRow, NO_OVERRIDES, ORG_LIMITS_SELECT, type OrgLimitOverrides } from './orgLimits.model.js';
 import { lockOrgAsCaller } from './user.model.js';
 
 /**
@@ -126,8 +126,8 @@ const AUTH_KEY_SQL = `SELECT k.id, k.org_id, k.name, k.role, k.prefix, k.created
 export async function findApiKeyByHash(db: Database, secretHash: Buffer): Promise<ApiKeyLookup> {
   const { rows } = await queryAsSystem<ApiKeyRow & { org_live: boolean }>(db, AUTH_KEY_SQL, [secretHash], 'api_key_by_hash');
   const r = rows[0];
-  if (!r) return { key: null, orgLive: false, limitOverrides: {} };
-  return { key: toApiKey(r), orgLive: r.org_live, limitOverrides: overridesFromRow(r) };
+  if (!r) return { key: null, orgLive: false, limitOverrides: NO_OVERRIDES };
+  return { key: toApiKey(r), orgLive: r.org_live, limitOverrides: lookupOverridesFromRow(r) };
 }
 
 /**

@@ -35,6 +35,19 @@ export function overridesFromRow(row: Record<string, unknown>): OrgLimitOverride
   return out;
 }
 
+/**
+ * The overrides of an org that has none (most orgs), in an authentication lookup: one frozen
+ * object shared by every cached caller instead of an empty object each. Frozen, as the auth
+ * caches freeze every overrides object they keep.
+ */
+export const NO_OVERRIDES: OrgLimitOverrides = Object.freeze({});
+
+/** overridesFromRow for an authentication lookup: NO_OVERRIDES when the org has none. */
+export function lookupOverridesFromRow(row: Record<string, unknown>): OrgLimitOverrides {
+  const out = overridesFromRow(row);
+  return Object.keys(out).length > 0 ? out : NO_OVERRIDES;
+}
+
 // The overrides object of a cached caller is the same on each of its requests: its merged limits
 // (and the RateLimit-Policy built from them, cached per limits object) are made once, not per request.
 const merged = new WeakMap<OrgLimitOverrides, { defaults: OrgLimits; limits: OrgLimits }>();

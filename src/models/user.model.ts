@@ -2,9 +2,9 @@ import { pageCursor, UUID_VALUE } from './cursor.js';
 import { AppError, notFound } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
-import type { RequestContext, RequestMeta, Role } from '../types/context.js';
+import { ROLES, type RequestContext, type RequestMeta, type Role } from '../types/context.js';
 import { appendAuditLog, userActor } from './audit.model.js';
-import { ORG_LIMITS_SELECT, overridesFromRow, type OrgLimitOverrides } from './orgLimits.model.js';
+import { lookupOverridesFromRow, NO_OVERRIDES, ORG_LIMITS_SELECT, type OrgLimitOverrides } from './orgLimits.model.js';
 import { isSessionLive } from './session.model.js';
 
 /**
@@ -19,8 +19,13 @@ export interface User {
   email: string;
   name: string | null;
   role: Role;
-  createdAt: Date;
-  updatedAt: Date;
+  /**
+   * ISO 8601 (UTC, milliseconds), as the API shows it. A string rather than a Date: the auth
+   * cache holds one User per cached caller, a Date costs three times the memory of the string,
+   * and GET /v1/me would otherwise format both on every request.
+   */
+  createdAt: string;
+  updatedAt: string;
 }
 
 export interface UserRow {
@@ -35,14 +40,18 @@ export interface UserRow {
 
 const COLUMNS = 'id, org_id, email, name, role, created_at, updated_at';
 
+// The driver makes a new string of every value it reads: a User takes the role from these
+// constants instead, one string for all users rather than one each (cached users add up).
+const ROLE_CONSTANTS = new Map<string, Role>(ROLES.map((r) => [r, r]));
+
 export const toUser = (r: UserRow): User => ({
   id: r.id,
   orgId: r.org_id,
   email: r.email,
   name: r.name,
-  role: r.role,
-  createdAt: r.created_at,
-  updatedAt: r.updated_at,
+  role: ROLE_CONSTANTS.get(r.role) ?? r.role,
+  createdAt: r.created_at.toISOString(),
+  updatedAt: r.updated_at.toISOString(),
 });
 
 export const normaliseEmail = (email: string): string => email.trim().toLowerCase();
@@ -88,7 +97,7 @@ export function authLookupOf(r: AuthLookupRow | undefined): AuthLookup {
   return {
     orgExists,
     user: orgExists && r?.id ? toUser(r as UserRow) : null,
-    limitOverrides: r ? overridesFromRow(r) : {},
+    limitOverrides: r ? lookupOverridesFromRow(r) : NO_OVERRIDES,
   };
 }
 
@@ -130,7 +139,7 @@ export async function findAuthIdentityByEmail(db: Database, org: { id: string } 
     orgExists: r !== undefined,
     orgId: r?.found_org_id ?? null,
     user: r?.id ? toUser(r as UserRow) : null,
-    limitOverrides: r ? overridesFromRow(r) : {},
+    limitOverrides: r ? lookupOverridesFromRow(r) : NO_OVERRIDES,
   };
 }
 

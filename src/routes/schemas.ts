@@ -65,8 +65,8 @@ export const toUserDto = (u: User): z.infer<typeof UserSchema> => ({
   email: u.email,
   name: u.name,
   role: u.role,
-  createdAt: u.createdAt.toISOString(),
-  updatedAt: u.updatedAt.toISOString(),
+  createdAt: u.createdAt,
+  updatedAt: u.updatedAt,
 });
 
 export const toOrgDto = (o: Org): z.infer<typeof OrgSchema> => ({
