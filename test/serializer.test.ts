@@ -3,6 +3,8 @@ import Fastify, { type FastifyPluginAsync } from 'fastify';
 import { serializerCompiler as zodSerializerCompiler, validatorCompiler } from 'fastify-type-provider-zod';
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
+import { AppError, errorBody } from '../src/errors.js';
+import { serializeErrorBody } from '../src/middleware/errorHandler.js';
 import { compileExactSerializer, serializerCompiler } from '../src/routes/serializer.js';
 import { ErrorSchema, UserSchema } from '../src/routes/schemas.js';
 
@@ -193,6 +195,23 @@ describe('compiled response serializer', () => {
     for (const v of values) {
       for (const data of [{ n: v, i: 1, m: null }, { n: 1, i: v, m: 1 }, { n: 1, i: 1, m: v }]) {
         expect(outcome(ours, data), JSON.stringify(data)).toEqual(outcome(zods, data));
+      }
+    }
+  });
+
+  it('writes error bodies (sendError) exactly as JSON.stringify does, with and without details', () => {
+    const details = [{ field: 'body.email', message: 'must be an email address' }];
+    for (const message of STRINGS) {
+      for (const requestId of ['94732ceb-93e0-4df7-a6eb-de556209d64e', 'caller.id:1~x', message]) {
+        for (const err of [
+          new AppError('rate_limited', message, undefined, 3),
+          new AppError('validation_failed', message, details),
+          new AppError('bad_request', message, [{ field: message, message, extra: 1 } as never]),
+          new AppError('internal_error', message),
+        ]) {
+          const body = errorBody(err, requestId);
+          expect(serializeErrorBody(body)).toBe(JSON.stringify(body));
+        }
       }
     }
   });
