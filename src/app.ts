@@ -1,4 +1,3 @@
-import { ServerResponse, type IncomingMessage, type OutgoingHttpHeader, type OutgoingHttpHeaders } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
@@ -31,29 +30,6 @@ import './types/context.js';
 const KEY_IN_URL = /llmk_[0-9A-Za-z]*/g;
 const redactKeys = (url: string): string => (url.includes('llmk_') ? url.replace(KEY_IN_URL, 'llmk_[redacted]') : url);
 
-type Headers = OutgoingHttpHeaders | OutgoingHttpHeader[];
-
-/**
- * While the app is closing, every response that starts is sent with `connection: close`, so
- * keep-alive clients (load balancers, fetch) close their connection instead of keeping it idle:
- * an idle kept-alive socket would otherwise hold app.close() open until the shutdown timeout.
- * Fastify writes a response's headers with writeHead(status, headers): the header joins that
- * object, as reply.header() would have added it; any other call (Node's implicit header of a
- * streamed body) gets it through setHeader.
- */
-function closingAwareResponse(shutdown: { readonly closing: boolean }): typeof ServerResponse {
-  return class ClosingAwareResponse<Request extends IncomingMessage = IncomingMessage> extends ServerResponse<Request> {
-    override writeHead(statusCode: number, messageOrHeaders?: string | Headers, headers?: Headers): this {
-      if (shutdown.closing) {
-        const obj = typeof messageOrHeaders === 'string' ? headers : messageOrHeaders;
-        if (typeof obj === 'object' && !Array.isArray(obj)) obj.connection = 'close';
-        else this.setHeader('connection', 'close');
-      }
-      return typeof messageOrHeaders === 'string' ? super.writeHead(statusCode, messageOrHeaders, headers) : super.writeHead(statusCode, messageOrHeaders);
-    }
-  };
-}
-
 export interface AppDeps {
   config: Config;
   db: Database;
@@ -67,13 +43,7 @@ export interface AppDeps {
  * auth), then routes. Never listens: src/server.ts does, and tests use app.inject().
  */
 export async function buildApp({ config, db, limiter, logger }: AppDeps): Promise<FastifyInstance> {
-  const shutdown = { closing: false };
   const app = Fastify({
-    // Node's documented hook for extending its responses (http.createServer's ServerResponse
-    // option): the connection header is added while the response's headers are written, at no
-    // cost while not closing. An onSend hook did the same on every request (a hook on the
-    // request path costs even when it does nothing).
-    http: { ServerResponse: closingAwareResponse(shutdown) },
     ...(logger ? { loggerInstance: logger } : { logger: loggerOptions(config) }),
     genReqId,
     requestIdHeader: false,
@@ -94,10 +64,16 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   // JSON only: a text/plain body is a 415, not a string handed to the body schema.
   app.removeContentTypeParser('text/plain');
 
-  // While shutting down, ask keep-alive clients to close (see ClosingAwareResponse).
+  // While shutting down, ask keep-alive clients to close: an idle kept-alive socket would
+  // otherwise hold app.close() open until the shutdown timeout.
+  let closing = false;
   app.addHook('preClose', (done) => {
-    shutdown.closing = true;
+    closing = true;
     done();
+  });
+  app.addHook('onSend', (_request, reply, payload, done) => {
+    if (closing) void reply.header('connection', 'close');
+    done(null, payload);
   });
 
   const log = app.log;
