@@ -178,6 +178,7 @@ describe('compiled response serializer', () => {
     expect(compileExactSerializer(z.object({ n: z.number().min(1) }))).toBeNull();
     expect(compileExactSerializer(z.object({ u: z.union([z.string(), z.object({ a: z.string() })]) }))).toBeNull();
     expect(compileExactSerializer(z.object({ o: z.object({ a: z.string() }).nullable() }))).toBeNull();
+    expect(compileExactSerializer(z.object({ v: z.union([z.string(), z.number(), z.null()]) }))).toBeNull();
   });
 
   it('strips extra properties and keeps the schema order, as zod does', () => {

@@ -35,7 +35,9 @@ const SAFE_INTEGER = { minimum: Number.MIN_SAFE_INTEGER, maximum: Number.MAX_SAF
 
 function isScalarType(type: unknown): boolean {
   if (typeof type === 'string') return SCALAR_TYPES.has(type);
-  return Array.isArray(type) && type.length > 0 && type.every((t) => typeof t === 'string' && SCALAR_TYPES.has(t));
+  // Only a nullable scalar (`z.string().nullable()`: ["string", "null"]): with more types,
+  // fast-json-stringify would choose among them by its own rules.
+  return Array.isArray(type) && type.length === 2 && type.includes('null') && type.every((t) => typeof t === 'string' && SCALAR_TYPES.has(t));
 }
 
 /** Whether `schema` uses only keywords that both libraries read as zod does. */
@@ -122,7 +124,12 @@ function compile(schema: z.ZodType): CompiledSerialize | null {
   // accepts the body, and so does this.
   const options = Array.isArray(root.anyOf) && Object.keys(root).length === 1 ? (root.anyOf as unknown[]) : [root];
   if (!options.every(isExact)) return null;
-  const branches = (options as JsonSchema[]).map(compileBranch);
+  let branches: Branch[];
+  try {
+    branches = (options as JsonSchema[]).map(compileBranch);
+  } catch {
+    return null; // a schema either library refuses to compile: the zod serializer answers, never a 500
+  }
   return (data) => {
     for (const b of branches) if (b.accepts(data)) return b.write(data);
     return undefined;
