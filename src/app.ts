@@ -1,13 +1,7 @@
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
-import {
-  jsonSchemaTransform,
-  jsonSchemaTransformObject,
-  serializerCompiler,
-  validatorCompiler,
-  type ZodTypeProvider,
-} from 'fastify-type-provider-zod';
+import { jsonSchemaTransform, jsonSchemaTransformObject, validatorCompiler, type ZodTypeProvider } from 'fastify-type-provider-zod';
 import { createAuthenticator } from './auth/index.js';
 import { createBearerMethods } from './auth/methods.js';
 import type { Config } from './config/env.js';
@@ -26,6 +20,7 @@ import { meRoutes } from './routes/me.route.js';
 import { passwordRoutes } from './routes/password.route.js';
 import { userRoutes } from './routes/users.route.js';
 import { usageRoutes } from './routes/usage.route.js';
+import { serializerCompiler } from './routes/serializer.js';
 import { registerIpLimit, registerOrgLimit, type RateLimiter } from './ratelimit/index.js';
 import { AppError } from './errors.js';
 import underPressure from '@fastify/under-pressure';

@@ -82,12 +82,13 @@ export const invalidToken = (message = 'Invalid or expired credentials') => new 
 function readIdHeader(request: FastifyRequest, name: string): string | undefined {
   const value = request.headers[name];
   if (value === undefined) return undefined;
-  if (typeof value !== 'string' || !UUID.test(value.trim())) {
+  const id = typeof value === 'string' ? value.trim() : '';
+  if (!UUID.test(id)) {
     throw new AppError('bad_request', `Header ${name} must be a single UUID`, [
       { field: `headers.${name}`, message: 'must be a UUID' },
     ]);
   }
-  return value.trim().toLowerCase();
+  return id.toLowerCase();
 }
 
 function readCallerIds(request: FastifyRequest): { orgId: string; userId: string } | null {

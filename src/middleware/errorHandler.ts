@@ -1,6 +1,7 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
+import fastJsonStringify from 'fast-json-stringify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
-import { AppError, errorBody, type ErrorDetail } from '../errors.js';
+import { AppError, errorBody, type ErrorBody, type ErrorDetail } from '../errors.js';
 import { DatabaseUnavailableError } from '../infra/database.js';
 
 /**
@@ -57,6 +58,22 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   return new AppError('internal_error', 'Internal server error');
 }
 
+// Most error bodies are four strings (a refused flood's 429s above all): fast-json-stringify
+// writes those exactly as JSON.stringify does, in about half the time. A body with details keeps
+// JSON.stringify, which writes every property a detail carries.
+const writePlainErrorBody = fastJsonStringify({
+  type: 'object',
+  properties: { error: { type: 'string' }, message: { type: 'string' }, code: { type: 'string' }, requestId: { type: 'string' } },
+  required: ['error', 'message', 'code', 'requestId'],
+  additionalProperties: false,
+});
+
+/** The JSON of an error body; exported for the test that compares it to JSON.stringify. */
+export function serializeErrorBody(body: ErrorBody): string {
+  const plain = body.details === undefined && typeof body.message === 'string' && typeof body.requestId === 'string';
+  return plain ? writePlainErrorBody(body) : JSON.stringify(body);
+}
+
 export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
   if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));
   // RFC 6750: say which scheme is expected, and that a presented token was refused.
@@ -68,7 +85,7 @@ export function sendError(request: FastifyRequest, reply: FastifyReply, err: App
   return reply
     .code(err.statusCode)
     .type('application/json; charset=utf-8')
-    .serializer(JSON.stringify)
+    .serializer(serializeErrorBody)
     .send(errorBody(err, request.id));
 }
 
