@@ -5,7 +5,7 @@ import { contextOf } from '../middleware/authenticate.js';
 import { notFound } from '../errors.js';
 import { findApiKeyInOrg } from '../models/apiKey.model.js';
 import { findOrgById } from '../models/org.model.js';
-import { AUTH_ERRORS, callerDto, errors, OrgSchema, role, toOrgDto, UserSchema } from './schemas.js';
+import { AUTH_ERRORS, errors, OrgSchema, role, toOrgDto, toUserDto, UserSchema } from './schemas.js';
 
 /** GET /v1/me called with an API key: the key, which acts on its own (it has no user). */
 const ApiKeyCallerSchema = z
@@ -43,7 +43,7 @@ export const meRoutes: FastifyPluginAsyncZod<{ db: Database }> = async (app, { d
         return { type: 'api_key' as const, id, orgId, name, role, prefix, createdAt: key.createdAt.toISOString(), expiresAt: key.expiresAt?.toISOString() ?? null };
       }
       if (!request.caller) throw notFound('User');
-      return callerDto(request.caller);
+      return toUserDto(request.caller);
     },
   );
 

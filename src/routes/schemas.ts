@@ -69,36 +69,6 @@ export const toUserDto = (u: User): z.infer<typeof UserSchema> => ({
   updatedAt: u.updatedAt,
 });
 
-type UserDto = z.infer<typeof UserSchema>;
-interface CachedDto {
-  readonly of: { readonly createdAt: number; readonly updatedAt: number } & Omit<User, 'createdAt' | 'updatedAt'>;
-  readonly dto: UserDto;
-}
-const callerDtos = new WeakMap<User, CachedDto>();
-
-/**
- * toUserDto for the caller of a request (GET /v1/me): the caller is the same object from the
- * auth cache on every request, and its two toISOString() calls were 2 % of that route's CPU. The
- * DTO is kept per user object and reused while every field still has the value it was made from
- * (a user object changed in place gets a new one). The DTO is frozen: it is shared.
- */
-export function callerDto(u: User): UserDto {
-  const hit = callerDtos.get(u);
-  if (hit) {
-    const o = hit.of;
-    if (
-      o.id === u.id && o.orgId === u.orgId && o.email === u.email && o.name === u.name && o.role === u.role &&
-      o.createdAt === u.createdAt.getTime() && o.updatedAt === u.updatedAt.getTime()
-    ) {
-      return hit.dto;
-    }
-  }
-  const dto = Object.freeze(toUserDto(u));
-  const of = { id: u.id, orgId: u.orgId, email: u.email, name: u.name, role: u.role, createdAt: u.createdAt.getTime(), updatedAt: u.updatedAt.getTime() };
-  callerDtos.set(u, { of, dto });
-  return dto;
-}
-
 export const toOrgDto = (o: Org): z.infer<typeof OrgSchema> => ({
   id: o.id,
   name: o.name,
