@@ -6,7 +6,7 @@ import { createAuthenticator } from './auth/index.js';
 import { createBearerMethods } from './auth/methods.js';
 import type { Config } from './config/env.js';
 import type { Database } from './infra/database.js';
-import { loggerOptions } from './infra/logger.js';
+import { lazyChildLoggerFactory, loggerOptions } from './infra/logger.js';
 import { registerRefusalAudit } from './middleware/auditRefusals.js';
 import { registerErrorHandling, sendError, toAppError } from './middleware/errorHandler.js';
 import { registerAuthentication, requireContext } from './middleware/authenticate.js';
@@ -47,6 +47,8 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     ...(logger ? { loggerInstance: logger } : { logger: loggerOptions(config) }),
     genReqId,
     requestIdHeader: false,
+    // request.log made only when a request logs something (src/infra/logger.ts).
+    childLoggerFactory: lazyChildLoggerFactory,
     // One access-log line per request (the onResponse hook below), not Fastify's two.
     logController: new LogController({ requestIdLogLabel: 'requestId', disableRequestLogging: true }),
     trustProxy: config.trustProxy,
