@@ -32,18 +32,40 @@ function buildPolicy(limits: OrgLimits): string {
   return items.join(', ');
 }
 
+type StateWriter = (d: Decision, nowMs: number, periods: { dayEndsMs: number; monthEndsMs: number }) => string;
+
+// The state is written for every admitted request: which items it has only changes with the
+// limits, so the writer (plain concatenation, no array) is made once per limits object.
+const stateWriters = new WeakMap<OrgLimits, StateWriter>();
+
 export function rateLimitState(
   limits: OrgLimits,
   d: Decision,
   nowMs: number,
   periods: { dayEndsMs: number; monthEndsMs: number },
 ): string {
-  const items: string[] = [];
-  if (limits.orgBurst > 0 && limits.orgPerSecond > 0) items.push(`"org";r=${d.org.remaining};t=${d.org.resetSeconds}`);
-  if (limits.userBurst > 0 && limits.userPerSecond > 0) items.push(`"user";r=${d.user.remaining};t=${d.user.resetSeconds}`);
-  if (limits.dailyCap > 0)
-    items.push(`"day";r=${Math.max(0, limits.dailyCap - d.dayUsed)};t=${Math.ceil((periods.dayEndsMs - nowMs) / 1000)}`);
-  if (limits.monthlyCap > 0)
-    items.push(`"month";r=${Math.max(0, limits.monthlyCap - d.monthUsed)};t=${Math.ceil((periods.monthEndsMs - nowMs) / 1000)}`);
-  return items.join(', ');
+  let write = stateWriters.get(limits);
+  if (write === undefined) {
+    write = stateWriter(limits);
+    stateWriters.set(limits, write);
+  }
+  return write(d, nowMs, periods);
+}
+
+function stateWriter(limits: OrgLimits): StateWriter {
+  const org = limits.orgBurst > 0 && limits.orgPerSecond > 0;
+  const user = limits.userBurst > 0 && limits.userPerSecond > 0;
+  const { dailyCap, monthlyCap } = limits;
+  return (d, nowMs, periods) => {
+    let out = '';
+    if (org) out = `"org";r=${d.org.remaining};t=${d.org.resetSeconds}`;
+    if (user) out += `${out === '' ? '' : ', '}"user";r=${d.user.remaining};t=${d.user.resetSeconds}`;
+    if (dailyCap > 0) {
+      out += `${out === '' ? '' : ', '}"day";r=${Math.max(0, dailyCap - d.dayUsed)};t=${Math.ceil((periods.dayEndsMs - nowMs) / 1000)}`;
+    }
+    if (monthlyCap > 0) {
+      out += `${out === '' ? '' : ', '}"month";r=${Math.max(0, monthlyCap - d.monthUsed)};t=${Math.ceil((periods.monthEndsMs - nowMs) / 1000)}`;
+    }
+    return out;
+  };
 }

@@ -7,7 +7,7 @@
  * buckets and both cap counters, and takes `slots` concurrency slots, exactly as that many
  * requests would. The instance then admits that caller's requests from the lease in memory, with
  * no round trip, until the lease is spent; it asks for the next one when half is left, so a
- * steady caller seldom waits for it. A caller's first lease is small (16 requests); each one spent
+ * steady caller seldom waits for it. A caller's first lease is small (64 requests); each one spent
  * within a second makes the next twice as big, up to RATE_LIMIT_LEASE_MAX.
  *
  * Nothing is admitted that the limits do not allow: a lease is charged before it is used, and a
@@ -33,7 +33,7 @@ export const MIN_LEASE_TOKENS = 4;
  * FAST_LEASE_MS makes the next one twice as big, up to the configured maximum: a busy caller
  * renews a few times a second, an occasional one holds little.
  */
-const FIRST_LEASE_TOKENS = 16;
+const FIRST_LEASE_TOKENS = 64;
 const FAST_LEASE_MS = 1_000;
 /** Slots of a caller's first lease; doubled on renewal whenever they were all in use, up to MAX. */
 const FIRST_LEASE_SLOTS = 2;
