@@ -89,6 +89,18 @@ describe('GET /metrics', () => {
     expect(inf?.value).toBe(3);
   });
 
+  it('writes each series as a Prometheus histogram: every bound, cumulative, +Inf equal to the count, a sum', () => {
+    const series = samples.filter(
+      (s) => s.name === 'http_request_duration_seconds_bucket' && s.labels.route === '/v1/users/:id' && s.labels.status_code === '200',
+    );
+    expect(series.map((s) => s.labels.le)).toEqual(['0.0005', '0.001', '0.0025', '0.005', '0.01', '0.025', '0.05', '0.1', '0.25', '0.5', '1', '2.5', '5', '10', '+Inf']);
+    for (let i = 1; i < series.length; i++) expect(series[i]!.value).toBeGreaterThanOrEqual(series[i - 1]!.value);
+    expect(series.at(-1)!.value).toBe(3);
+    const sum = samples.find((s) => s.name === 'http_request_duration_seconds_sum' && s.labels.route === '/v1/users/:id' && s.labels.status_code === '200');
+    expect(sum!.value).toBeGreaterThan(0);
+    expect(sum!.value).toBeLessThan(30);
+  });
+
   it('never uses a raw URL or id as a route label', () => {
     expect(text).not.toContain(t.member.id);
     expect(text).not.toContain('no-such-route');

@@ -1,5 +1,5 @@
 import type { FastifyInstance } from 'fastify';
-import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+import { collectDefaultMetrics, Counter, Gauge, Registry, type Metric, type MetricValueWithName } from 'prom-client';
 import type { Authenticator } from '../auth/index.js';
 import type { RateLimiter } from '../ratelimit/index.js';
 
@@ -14,6 +14,75 @@ function getProcessRegistry(): Registry {
   return processRegistry;
 }
 
+const DURATION_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10] as const;
+
+type DurationLabels = { method: string; route: string; status_code: number };
+interface Series {
+  readonly labels: DurationLabels;
+  /** Responses per bucket (not cumulative), the last one past the highest bound. */
+  readonly counts: Float64Array;
+  sum: number;
+}
+
+/**
+ * http_request_duration_seconds, counted here rather than by prom-client's Histogram: its
+ * observe() validates the labels and builds a string key from them on every call, 0.6–0.9 µs per
+ * response. Here a label set is found through three Map lookups on the values themselves and
+ * counted in an array. prom-client still writes the exposition: this object has the shape its
+ * registry reads (name, help, type, get()), and get() answers in the shape a Histogram's does.
+ */
+class RequestDurations {
+  readonly name = 'http_request_duration_seconds';
+  readonly help = 'Duration of HTTP requests in seconds';
+  readonly type = 'histogram';
+  readonly aggregator = 'sum';
+  /** route -> method -> status -> counts */
+  private readonly series = new Map<string, Map<string, Map<number, Series>>>();
+
+  constructor(private readonly bounds: readonly number[]) {}
+
+  observe(method: string, route: string, status: number, seconds: number): void {
+    let byMethod = this.series.get(route);
+    if (byMethod === undefined) this.series.set(route, (byMethod = new Map<string, Map<number, Series>>()));
+    let byStatus = byMethod.get(method);
+    if (byStatus === undefined) byMethod.set(method, (byStatus = new Map<number, Series>()));
+    let s = byStatus.get(status);
+    if (s === undefined) {
+      s = { labels: { method, route, status_code: status }, counts: new Float64Array(this.bounds.length + 1), sum: 0 };
+      byStatus.set(status, s);
+    }
+    let i = 0;
+    while (i < this.bounds.length && seconds > this.bounds[i]!) i++;
+    s.counts[i]!++;
+    s.sum += seconds;
+  }
+
+  get(): Promise<{ name: string; help: string; type: 'histogram'; aggregator: 'sum'; values: MetricValueWithName<string>[] }> {
+    const values: MetricValueWithName<string>[] = [];
+    const bucket = `${this.name}_bucket`;
+    for (const byMethod of this.series.values()) {
+      for (const byStatus of byMethod.values()) {
+        for (const s of byStatus.values()) {
+          let acc = 0;
+          this.bounds.forEach((le, i) => {
+            acc += s.counts[i]!;
+            values.push({ metricName: bucket, labels: { le, ...s.labels }, value: acc });
+          });
+          const count = acc + s.counts[this.bounds.length]!;
+          values.push({ metricName: bucket, labels: { le: '+Inf', ...s.labels }, value: count });
+          values.push({ metricName: `${this.name}_sum`, labels: { ...s.labels }, value: s.sum });
+          values.push({ metricName: `${this.name}_count`, labels: { ...s.labels }, value: count });
+        }
+      }
+    }
+    return Promise.resolve({ name: this.name, help: this.help, type: this.type, aggregator: this.aggregator, values });
+  }
+
+  reset(): void {
+    this.series.clear();
+  }
+}
+
 export interface Metrics {
   /** The text exposition of every metric, for GET /metrics. */
   scrape(): Promise<{ contentType: string; body: string }>;
@@ -25,13 +94,8 @@ export interface Metrics {
  */
 export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth: Authenticator): Metrics {
   const registry = new Registry();
-  const duration = new Histogram({
-    name: 'http_request_duration_seconds',
-    help: 'Duration of HTTP requests in seconds',
-    labelNames: ['method', 'route', 'status_code'] as const,
-    buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
-    registers: [registry],
-  });
+  const duration = new RequestDurations(DURATION_BUCKETS);
+  registry.registerMetric(duration as unknown as Metric);
   // Read from the limiter at scrape time: nothing is added to the request path.
   new Gauge({
     name: 'rate_limiter_degraded',
@@ -107,10 +171,7 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth
     },
   });
   app.addHook('onResponse', (request, reply, done) => {
-    duration.observe(
-      { method: request.method, route: request.routeOptions.url ?? 'unmatched', status_code: reply.statusCode },
-      reply.elapsedTime / 1000,
-    );
+    duration.observe(request.method, request.routeOptions.url ?? 'unmatched', reply.statusCode, reply.elapsedTime / 1000);
     done();
   });
   return {
