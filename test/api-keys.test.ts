@@ -455,6 +455,16 @@ describe('authenticating with a key', () => {
     ]);
   });
 
+  it('refusals of one org are audited in the order they happened', async () => {
+    const fresh = await createTenant(db);
+    const keys = [];
+    for (let i = 0; i < 8; i++) keys.push(await insertApiKey(db, fresh.org.id, 'admin', fresh.owner.id, { revoked: true }));
+    for (const k of keys) expect((await app.inject({ method: 'GET', url: '/v1/users', headers: k.headers })).statusCode).toBe(401);
+    await app.refusalAudit.settled();
+    const rows = await auditRows(fresh.org.id, 'auth.failed');
+    expect(rows.map((r) => r.actor_id)).toEqual(keys.map((k) => k.id));
+  });
+
   it('a 403 to a key is audited as access.denied by the key', async () => {
     const fresh = await createTenant(db);
     const key = await insertApiKey(db, fresh.org.id, 'member', fresh.owner.id);

@@ -68,6 +68,8 @@ function refusalOf(request: FastifyRequest, status: number): { orgId: string; ev
 export function registerRefusalAudit(app: FastifyInstance, db: Database, perMinute: number): RefusalAudit {
   const windows = new Map<string, OrgWindow>();
   const inFlight = new Set<Promise<unknown>>();
+  /** The last write queued for each org: the next one of that org waits for it. */
+  const lastWrite = new Map<string, Promise<void>>();
 
   const admit = (orgId: string, nowMs: number): { write: boolean; suppressed: number } => {
     let w = windows.get(orgId);
@@ -105,9 +107,21 @@ export function registerRefusalAudit(app: FastifyInstance, db: Database, perMinu
             request: requestMetaOf(request),
             metadata: { ...refusal.event.metadata, ...(suppressed > 0 ? { suppressed } : {}) },
           };
-          const p = recordAuditEvent(db, refusal.orgId, event)
-            .catch((err: unknown) => request.log.warn({ err }, 'Cannot write the audit entry of a refused request'))
-            .finally(() => inFlight.delete(p));
+          // One org's refusals are written one after the other, so its log keeps their order
+          // (each write is its own transaction; two at once could commit either way round).
+          const orgId = refusal.orgId;
+          const previous = lastWrite.get(orgId) ?? Promise.resolve();
+          const p: Promise<void> = previous
+            .then(() => recordAuditEvent(db, orgId, event))
+            .then(
+              () => undefined,
+              (err: unknown) => request.log.warn({ err }, 'Cannot write the audit entry of a refused request'),
+            )
+            .finally(() => {
+              inFlight.delete(p);
+              if (lastWrite.get(orgId) === p) lastWrite.delete(orgId);
+            });
+          lastWrite.set(orgId, p);
           inFlight.add(p);
         }
       }
