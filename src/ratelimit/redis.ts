@@ -54,15 +54,16 @@ function defineScript(client: Redis | Cluster, name: string, file: 'limit.lua' |
   return (...keysAndArgs) => (command as ScriptCommand).apply(client, keysAndArgs);
 }
 
-function refundArgs(req: RefundRequest): string[] {
+/** KEYS of both scripts, in their order. */
+function scriptKeys(req: Pick<AcquireRequest, 'orgId' | 'userId' | 'day' | 'month'>): string[] {
   const keys = limiterKeys(req);
+  return [keys.orgBucket, keys.userBucket, keys.day, keys.month, keys.slots];
+}
+
+function refundArgs(req: RefundRequest): string[] {
   const { limits } = req;
   return [
-    keys.orgBucket,
-    keys.userBucket,
-    keys.day,
-    keys.month,
-    keys.slots,
+    ...scriptKeys(req),
     String(req.nowMs),
     String(req.tokens),
     String(limits.orgBurst),
@@ -78,15 +79,10 @@ function refundArgs(req: RefundRequest): string[] {
 
 function scriptArgs(req: AcquireRequest): string[] {
   const { limits } = req;
-  const keys = limiterKeys(req);
   // String() of a JS number is the shortest text that parses back to the same double, so Lua's
   // tonumber() sees exactly the caller's values.
   return [
-    keys.orgBucket,
-    keys.userBucket,
-    keys.day,
-    keys.month,
-    keys.slots,
+    ...scriptKeys(req),
     String(req.nowMs),
     String(req.cost),
     String(limits.orgBurst),

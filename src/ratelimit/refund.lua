@@ -26,6 +26,7 @@ local function fmt(x)
   return string.format('%.17g', x)
 end
 
+-- The refill is limit.lua's refill(), step for step: a Redis script cannot load another's code.
 local function giveBack(key, burst, rate)
   if tokens <= 0 or not (burst > 0 and rate > 0) then return end
   local stored = redis.call('HMGET', key, 't', 'ts')
