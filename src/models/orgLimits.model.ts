@@ -54,7 +54,7 @@ const merged = new WeakMap<OrgLimitOverrides, { defaults: OrgLimits; limits: Org
 
 export function effectiveLimits(defaults: OrgLimits, overrides: OrgLimitOverrides | null | undefined): OrgLimits {
   // Most orgs have no row: hand back the defaults object itself (no copy on every request).
-  if (!overrides) return defaults;
+  if (!overrides || overrides === NO_OVERRIDES) return defaults;
   const known = merged.get(overrides);
   if (known?.defaults === defaults) return known.limits;
   if (Object.keys(overrides).length === 0) return defaults;
