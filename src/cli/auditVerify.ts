@@ -6,13 +6,12 @@
  * does not match, or a missing entry). Exits 0 when every chain is whole, 1 otherwise, 2 on bad
  * arguments. Keep the printed head hashes somewhere else: they also reveal a removed tail later.
  */
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadCliConfig } from '../config/env.js';
 import { createDatabase } from '../infra/database.js';
 import { createLogger } from '../infra/logger.js';
 import { orgsToVerify, verifyAuditChain, type ChainReport } from '../models/audit.model.js';
+import { runAsProgram } from './run.js';
 
 const USAGE = 'usage: npm run audit:verify -- [org-slug]';
 
@@ -63,11 +62,4 @@ async function main(argv: string[]): Promise<number> {
 }
 
 // Run only as a program, not when a test imports describeReport.
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  process.exitCode = await main(process.argv.slice(2)).catch((err: unknown) => {
-    const code = (err as { code?: unknown }).code;
-    const hint = code === '42P01' || code === '42883' ? ' (is the database migrated? run npm run db:migrate)' : '';
-    process.stderr.write(`Cannot verify the audit log: ${(err as Error).message}${hint}\n`);
-    return 1;
-  });
-}
+await runAsProgram(import.meta.url, 'Cannot verify the audit log', main);

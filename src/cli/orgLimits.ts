@@ -6,8 +6,6 @@
  * environment's default; --reset returns all of them) and prints the limits now in force.
  * Every instance applies a change from its next request on.
  */
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { loadCliConfig } from '../config/env.js';
 import { createDatabase } from '../infra/database.js';
@@ -21,6 +19,7 @@ import {
   type OrgLimitOverrides,
 } from '../models/orgLimits.model.js';
 import type { OrgLimits } from '../ratelimit/index.js';
+import { runAsProgram } from './run.js';
 
 const OPTIONS: Record<string, { field: keyof OrgLimits; integer: boolean }> = {
   burst: { field: 'orgBurst', integer: true },
@@ -117,12 +116,4 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-// Run only as a program, not when a test imports parseOrgLimitsArgs.
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  process.exitCode = await main(process.argv.slice(2)).catch((err: unknown) => {
-    const code = (err as { code?: unknown }).code;
-    const hint = code === '42P01' ? ' (is the database migrated? run npm run db:migrate)' : '';
-    process.stderr.write(`Cannot update the limits: ${(err as Error).message}${hint}\n`);
-    return 1;
-  });
-}
+await runAsProgram(import.meta.url, 'Cannot update the limits', main);

@@ -9,13 +9,12 @@
  *
  *   printf '%s\n' "$NEW_PASSWORD" | npm run user:password -- acme-corp admin@acme.com
  */
-import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { hashPassword, passwordProblem } from '../auth/passwords.js';
 import { loadCliConfig } from '../config/env.js';
 import { createDatabase } from '../infra/database.js';
 import { createLogger } from '../infra/logger.js';
 import { setPasswordAsOperator } from '../models/password.model.js';
+import { runAsProgram } from './run.js';
 
 const USAGE = 'usage: npm run user:password -- <org-slug> <email>   (the password is read from standard input)';
 
@@ -104,11 +103,4 @@ async function main(argv: string[]): Promise<number> {
   }
 }
 
-if (process.argv[1] && path.resolve(process.argv[1]) === fileURLToPath(import.meta.url)) {
-  process.exitCode = await main(process.argv.slice(2)).catch((err: unknown) => {
-    const code = (err as { code?: unknown }).code;
-    const hint = code === '42P01' || code === '42703' ? ' (is the database migrated? run npm run db:migrate)' : '';
-    process.stderr.write(`Cannot set the password: ${(err as Error).message}${hint}\n`);
-    return 1;
-  });
-}
+await runAsProgram(import.meta.url, 'Cannot set the password', main);
