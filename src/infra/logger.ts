@@ -52,7 +52,7 @@ const levelEnabled = (logger: FastifyBaseLogger, level: string): boolean => {
  * at an enabled level makes the real child, so every line still carries the request id. Written
  * here because neither pino nor Fastify has a lazy child.
  */
-export class LazyRequestLogger {
+class LazyRequestLogger {
   private real: FastifyBaseLogger | null = null;
 
   constructor(

@@ -25,9 +25,9 @@ import type { Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits } from './types.js';
 
 /** Every limit must keep at least this many times the lease after it is charged. */
-export const LEASE_HEADROOM = 16;
+const LEASE_HEADROOM = 16;
 /** A lease smaller than this is not worth a second round trip: such callers go one by one. */
-export const MIN_LEASE_TOKENS = 4;
+const MIN_LEASE_TOKENS = 4;
 /**
  * A caller's first lease holds at most this many requests; each lease spent within
  * FAST_LEASE_MS makes the next one twice as big, up to the configured maximum: a busy caller
@@ -104,7 +104,7 @@ const sameLimits = (a: OrgLimits, b: OrgLimits) =>
  * The lease a caller may take after the backend answered `d`, or null when any limit is too
  * close: each limit that is on must keep LEASE_HEADROOM times the lease after it.
  */
-export function leaseSize(
+function leaseSize(
   limits: OrgLimits,
   d: Pick<Decision, 'org' | 'user' | 'dayUsed' | 'monthUsed' | 'concurrent'>,
   maxTokens: number,

@@ -262,7 +262,7 @@ class LruStore {
 }
 
 /** The members a take of `slots` slots adds, as limit.lua names them. */
-export function slotIds(slotId: string, slots: number): string[] {
+function slotIds(slotId: string, slots: number): string[] {
   if (slots === 1) return [slotId];
   return Array.from({ length: slots }, (_, i) => `${slotId}#${i + 1}`);
 }
