@@ -142,6 +142,32 @@ describe('AuthCache against the database', () => {
     expect(counter.calls - before).toBe(1);
   });
 
+  it("keeps a caller under the user id alone: it answers only for that user's own org, and only for the exact ids it stored", async () => {
+    const counter = countingLoader(db);
+    const cache = new AuthCache(counter.load, OPTS);
+    await cache.lookup(a.org.id, a.member.id);
+    expect(cache.peekPositive(a.org.id, a.member.id)?.user?.id).toBe(a.member.id);
+    // The same user id asked about in another org: not this entry's answer.
+    expect(cache.peekPositive(b.org.id, a.member.id)).toBeUndefined();
+    expect(cache.peek(b.org.id, a.member.id)).toBeUndefined();
+    const other = await cache.lookup(b.org.id, a.member.id);
+    expect(other).toEqual(await findAuthIdentity(db, b.org.id, a.member.id)); // the 403 case
+    expect(cache.peek(b.org.id, a.member.id)).toEqual(other); // kept as a refusal...
+    expect(cache.peekPositive(a.org.id, a.member.id)?.user?.orgId).toBe(a.org.id); // ...beside the caller
+    // Raw header values that only mean the same ids (case, spaces) are not found: they go
+    // through validation first.
+    for (const [orgId, userId] of [
+      [a.org.id.toUpperCase(), a.member.id],
+      [a.org.id, a.member.id.toUpperCase()],
+      [` ${a.org.id}`, a.member.id],
+      [a.org.id, `${a.member.id} `],
+      [`${a.org.id}, ${a.org.id}`, a.member.id],
+    ] as const) {
+      expect(cache.peekPositive(orgId, userId)).toBeUndefined();
+    }
+    expect(counter.calls).toBe(2);
+  });
+
   it('invalidation by user and by org; an org created after a cached "unknown org" is found', async () => {
     const t = await createTenant();
     const counter = countingLoader(db);
@@ -268,6 +294,25 @@ describe('the auth cache in the app', () => {
     const replies = await Promise.all(Array.from({ length: 100 }, () => me(t.member)));
     expect(replies.map((r) => r.statusCode)).toEqual(Array(100).fill(200));
     expect(app.authenticator.stats().loads - before).toBe(1);
+  });
+
+  it('a cached caller is found from its exact header values; other spellings of the ids and other orgs get what the database says', async () => {
+    const t = await createTenant();
+    const other = await createTenant();
+    const headers = (org: string, user: string) => ({ 'x-org-id': org, 'x-user-id': user });
+    const get = (h: Record<string, string>) => app.inject({ method: 'GET', url: '/v1/me', headers: h });
+    expect((await get(headers(t.org.id, t.member.id))).statusCode).toBe(200);
+    const hits = app.authenticator.stats().hits;
+    expect((await get(headers(t.org.id, t.member.id))).json()).toMatchObject({ id: t.member.id, orgId: t.org.id });
+    expect(app.authenticator.stats().hits).toBe(hits + 1);
+    // Same ids, other spellings: validated and normalised, then the same caller.
+    expect((await get(headers(t.org.id.toUpperCase(), ` ${t.member.id.toUpperCase()} `))).json()).toMatchObject({ id: t.member.id });
+    // The cached user claimed by another org: 403, as the database says.
+    expect((await get(headers(other.org.id, t.member.id))).statusCode).toBe(403);
+    // Malformed values are still 400s naming the header, cached caller or not.
+    const bad = await get(headers(`${t.org.id}x`, t.member.id));
+    expect(bad.statusCode).toBe(400);
+    expect(bad.json().message).toContain('x-org-id');
   });
 
   it("the app's own changes apply to the very next request", async () => {

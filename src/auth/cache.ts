@@ -48,6 +48,13 @@ export interface CachePolicy<V> {
   readonly unknownOrg: V;
   /** Called once on every answer before it is stored: freeze what callers must not change. */
   freeze?(value: V): void;
+  /**
+   * The id alone names the answer, whatever org is asked about (a user id: UUIDs are unique
+   * across orgs), and `classify(value, orgId)` tells whether it is positive for that org. Positive
+   * answers are then kept under the id alone: a hit builds no key string, and a caller's raw
+   * header values can be tried before they are validated (only validated ids are ever stored).
+   */
+  readonly keyedById?: boolean;
 }
 
 /** The caller lookup by (org, user id) of the header and session methods. */
@@ -57,6 +64,7 @@ export const USER_LOOKUP_POLICY: CachePolicy<AuthLookup> = {
   dependsOn: (v) => ({ subject: v.user?.id, org: v.user?.orgId }),
   unknownOrg: Object.freeze({ orgExists: false, user: null, limitOverrides: Object.freeze({}) }),
   freeze: (v) => Object.freeze(v.limitOverrides),
+  keyedById: true,
 };
 
 /** What the invalidation channel carries. `user` is any subject: a user, an API key, a session. */
@@ -136,16 +144,10 @@ export class AuthCache<V = AuthLookup> {
   /** The cached answer, or undefined when it must be looked up (then call `lookup`). */
   peek(orgId: string, userId: string): V | undefined {
     if (!this.enabled) return undefined;
-    const key = `${orgId}:${userId}`;
-    const hit = this.positive?.get(key);
-    if (hit) {
-      if (!this.isStale(hit, orgId, userId)) {
-        this.counts.hits++;
-        return hit.value;
-      }
-      this.positive!.delete(key);
-    }
+    const hit = this.peekPositive(orgId, userId);
+    if (hit !== undefined) return hit;
     if (!this.negative) return undefined;
+    const key = `${orgId}:${userId}`;
     for (const negativeKey of [key, orgKey(orgId)]) {
       const miss = this.negative.get(negativeKey);
       if (!miss) continue;
@@ -156,6 +158,25 @@ export class AuthCache<V = AuthLookup> {
       this.negative.delete(negativeKey);
     }
     return undefined;
+  }
+
+  /**
+   * Only the positive answer, or undefined. With a policy `keyedById`, the ids may be a caller's
+   * raw header values: a hit means both are exactly ids this cache stored (so well-formed).
+   */
+  peekPositive(orgId: string, userId: string): V | undefined {
+    if (!this.positive) return undefined;
+    const key = this.positiveKey(orgId, userId);
+    const hit = this.positive.get(key);
+    if (hit === undefined) return undefined;
+    // Kept under the id alone: the answer is this org's only if it says so.
+    if (this.policy.keyedById === true && this.policy.classify(hit.value, orgId) !== 'positive') return undefined;
+    if (this.isStale(hit, orgId, userId)) {
+      this.positive.delete(key);
+      return undefined;
+    }
+    this.counts.hits++;
+    return hit.value;
   }
 
   /** The answer from the cache, or from one database query shared by concurrent callers. */
@@ -240,7 +261,13 @@ export class AuthCache<V = AuthLookup> {
     return last;
   }
 
+  private positiveKey(orgId: string, id: string): string {
+    return this.policy.keyedById === true ? id : `${orgId}:${id}`;
+  }
+
   private isStale(entry: Entry<V>, orgId: string, userId: string): boolean {
+    // Nothing invalidated one by one within the TTL (the common case): only "everything" counts.
+    if (this.users.size === 0 && this.orgs.size === 0) return entry.epoch < this.allInvalidatedAt;
     const { subject, org } = this.policy.dependsOn(entry.value);
     let last = this.lastInvalidation(orgId, userId, org !== orgId ? org : undefined);
     if (subject !== undefined && subject !== userId && this.users.size > 0) {
@@ -257,7 +284,7 @@ export class AuthCache<V = AuthLookup> {
     this.policy.freeze?.(entry.value);
     const classified = this.policy.classify(entry.value, orgId);
     if (classified === 'positive') {
-      (this.positive ??= new LRUCache({ max: this.opts.maxEntries, ttl: this.opts.ttlMs })).set(key, entry, { ttl });
+      (this.positive ??= new LRUCache({ max: this.opts.maxEntries, ttl: this.opts.ttlMs })).set(this.positiveKey(orgId, userId), entry, { ttl });
       this.negative?.delete(key);
       return;
     }

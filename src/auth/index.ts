@@ -20,6 +20,11 @@ const SYNC_TIMEOUT_MS = 2_000;
 export interface Authenticator {
   /** The cached answer, or undefined: then call `lookup`. Synchronous, for the common case. */
   peek(orgId: string, userId: string): AuthLookup | undefined;
+  /**
+   * The cached caller (a live user of that org) or undefined, for ids as they came in a request,
+   * not yet validated: it answers only for the exact strings of ids it has stored.
+   */
+  peekCaller(orgId: string, userId: string): AuthLookup | undefined;
   lookup(orgId: string, userId: string): Promise<AuthLookup>;
   /**
    * Another cache of credentials (API keys, sessions...) with the same TTL, bounds and
@@ -82,6 +87,7 @@ export function createAuthenticator(config: AuthCacheConfig, db: Database, logge
 
   return {
     peek: (orgId, userId) => cache.peek(orgId, userId),
+    peekCaller: (orgId, userId) => cache.peekPositive(orgId, userId),
     lookup: (orgId, userId) => cache.lookup(orgId, userId),
     createCache<V>(load: AuthLoader<V>, policy: CachePolicy<V>) {
       const created = new AuthCache<V>(load, config, policy);
