@@ -23,6 +23,7 @@
  */
 import type { Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits } from './types.js';
+import type { UsageTally } from './usage.js';
 
 /** Every limit must keep at least this many times the lease after it is charged. */
 const LEASE_HEADROOM = 16;
@@ -55,6 +56,8 @@ interface OrgLeases {
   dayUsed: number;
   monthUsed: number;
   concurrent: number;
+  /** Where the limiter counts the org's leased requests (kept here: a leased request looks up nothing else). */
+  usage: UsageTally | null;
 }
 
 export interface Lease {
@@ -341,7 +344,18 @@ export class LeaseTable {
     this.stats.granted++;
     let o = this.byOrg.get(orgId);
     if (o === undefined) {
-      o = { users: new Map(), leases: 0, unusedTokens: 0, unusedSlots: 0, orgRemaining: 0, orgResetSeconds: 0, dayUsed: 0, monthUsed: 0, concurrent: 0 };
+      o = {
+        users: new Map(),
+        leases: 0,
+        unusedTokens: 0,
+        unusedSlots: 0,
+        orgRemaining: 0,
+        orgResetSeconds: 0,
+        dayUsed: 0,
+        monthUsed: 0,
+        concurrent: 0,
+        usage: null,
+      };
       this.byOrg.set(orgId, o);
     }
     o.orgRemaining = d.org.remaining;

@@ -338,7 +338,10 @@ export class RateLimiter {
 
   private leased(lease: Lease, orgId: string, cost: number, periods: Periods, nowMs: number): Admission {
     this.stats.allowed++;
-    this.deps.usage.record(orgId, periods.day, periods.month, cost);
+    const { usage } = this.deps;
+    let tally = lease.org.usage;
+    if (tally === null || tally.day !== periods.day || !usage.isCurrent(tally)) tally = lease.org.usage = usage.tally(orgId, periods.day, periods.month);
+    tally.requests += cost;
     const leases = this.leases!;
     let released = false;
     return {

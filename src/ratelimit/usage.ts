@@ -7,8 +7,20 @@ import { addUsage, findUsage, type UsageDelta } from '../models/usage.model.js';
  * write per request. If PostgreSQL is down the batch is kept and retried, so nothing is lost
  * while the process lives; shutdown flushes what is left.
  */
+/**
+ * One org's admitted requests of one day, in the batch being gathered. A caller on the hot path
+ * may keep it and add to `requests` directly while `isCurrent` says so: no key string and no
+ * lookup per request.
+ */
+export interface UsageTally extends UsageDelta {
+  /** The batch it belongs to; -1 once dropped. */
+  batch: number;
+}
+
 export class UsageRecorder {
-  private pending = new Map<string, UsageDelta>();
+  private pending = new Map<string, UsageTally>();
+  /** Numbers the batches: a tally of an earlier one is no longer counted. */
+  private batch = 0;
   private inFlight: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   private failing = false;
@@ -27,25 +39,37 @@ export class UsageRecorder {
   }
 
   record(orgId: string, day: string, month: string, requests: number): void {
+    this.tally(orgId, day, month).requests += requests;
+  }
+
+  /** The running count of `orgId`'s requests on `day` in this batch, made if needed. */
+  tally(orgId: string, day: string, month: string): UsageTally {
     const key = `${orgId}|${day}`;
     const cur = this.pending.get(key);
-    if (cur) {
-      cur.requests += requests;
-      return;
-    }
+    if (cur) return cur;
     if (this.pending.size >= this.maxPending) {
       const oldest = this.pending.keys().next().value;
-      if (oldest !== undefined) this.pending.delete(oldest);
+      if (oldest !== undefined) {
+        this.pending.get(oldest)!.batch = -1;
+        this.pending.delete(oldest);
+      }
       this.logger.error({ maxPending: this.maxPending }, 'Usage batch full: dropping the oldest entry');
     }
-    this.pending.set(key, { orgId, day, month, requests });
+    const created: UsageTally = { orgId, day, month, requests: 0, batch: this.batch };
+    this.pending.set(key, created);
+    return created;
+  }
+
+  /** Whether adding to `t` still counts (it belongs to the batch being gathered). */
+  isCurrent(t: UsageTally): boolean {
+    return t.batch === this.batch;
   }
 
   /** What this process admitted and has not written yet, for one org and period. */
   unflushed(orgId: string, day: string, month: string): { day: number; month: number } {
     let dayCount = 0;
     let monthCount = 0;
-    const add = (m: Map<string, UsageDelta>) => {
+    const add = (m: Map<string, UsageTally>) => {
       for (const d of m.values()) {
         if (d.orgId !== orgId || d.month !== month) continue;
         monthCount += d.requests;
@@ -74,7 +98,7 @@ export class UsageRecorder {
   private readers = 0;
   private readersDrained: (() => void) | null = null;
 
-  private flushing: Map<string, UsageDelta> | null = null;
+  private flushing: Map<string, UsageTally> | null = null;
 
   async flush(): Promise<void> {
     if (this.inFlight) return this.inFlight;
@@ -85,6 +109,7 @@ export class UsageRecorder {
       this.readersDrained = null;
       const batch = this.pending;
       this.pending = new Map();
+      this.batch++;
       this.flushing = batch;
       try {
         await addUsage(this.db, [...batch.values()]);
@@ -97,6 +122,10 @@ export class UsageRecorder {
           if (newer) d.requests += newer.requests;
         }
         this.pending = new Map([...batch, ...[...this.pending].filter(([k]) => !batch.has(k))]);
+        // Every tally held elsewhere is now either merged or back from the failed batch: all
+        // are renumbered, so holders fetch the one that counts.
+        this.batch++;
+        for (const d of this.pending.values()) d.batch = this.batch;
         if (!this.failing) this.logger.error({ err }, 'Cannot write usage to the database; keeping it to retry');
         this.failing = true;
       } finally {
