@@ -46,7 +46,7 @@ export interface CachePolicy<V> {
   dependsOn(value: V): { subject?: string | undefined; org?: string | undefined };
   /** The answer an 'unknown_org' entry gives. */
   readonly unknownOrg: V;
-  /** Called once on every answer before it is stored: freeze what callers must not change. */
+  /** Called once on every answer before it is stored: freeze what callers must not change, give it what it carries while cached. */
   freeze?(value: V): void;
   /**
    * The id alone names the answer, whatever org is asked about (a user id: UUIDs are unique
@@ -63,7 +63,13 @@ export const USER_LOOKUP_POLICY: CachePolicy<AuthLookup> = {
   // A user of another org is refused (403) only while that org is live too.
   dependsOn: (v) => ({ subject: v.user?.id, org: v.user?.orgId }),
   unknownOrg: Object.freeze({ orgExists: false, user: null, limitOverrides: Object.freeze({}) }),
-  freeze: (v) => Object.freeze(v.limitOverrides),
+  freeze: (v) => {
+    Object.freeze(v.limitOverrides);
+    // Not enumerable: it goes with the answer but is not part of it (equal answers stay equal).
+    if (v.user) Object.defineProperty(v, 'memo', { value: {}, enumerable: false });
+  },
+  // A user id is unique in practice; should two orgs ever share one, their entries replace each
+  // other (each lookup checks the org), which is slower but never answers for the wrong org.
   keyedById: true,
 };
 
@@ -261,8 +267,11 @@ export class AuthCache<V = AuthLookup> {
     return last;
   }
 
-  private positiveKey(orgId: string, id: string): string {
-    return this.policy.keyedById === true ? id : `${orgId}:${id}`;
+  private positiveKey(orgId: string, id: string, value?: V): string {
+    if (this.policy.keyedById !== true) return `${orgId}:${id}`;
+    // Stored under the answer's own copy of the id (its subject), which the entry keeps anyway,
+    // rather than the request's: one string per cached caller instead of two.
+    return (value === undefined ? undefined : this.policy.dependsOn(value).subject) ?? id;
   }
 
   private isStale(entry: Entry<V>, orgId: string, userId: string): boolean {
@@ -284,7 +293,7 @@ export class AuthCache<V = AuthLookup> {
     this.policy.freeze?.(entry.value);
     const classified = this.policy.classify(entry.value, orgId);
     if (classified === 'positive') {
-      (this.positive ??= new LRUCache({ max: this.opts.maxEntries, ttl: this.opts.ttlMs })).set(this.positiveKey(orgId, userId), entry, { ttl });
+      (this.positive ??= new LRUCache({ max: this.opts.maxEntries, ttl: this.opts.ttlMs })).set(this.positiveKey(orgId, userId, entry.value), entry, { ttl });
       this.negative?.delete(key);
       return;
     }

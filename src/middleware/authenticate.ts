@@ -7,7 +7,7 @@ import type { AuditActor } from '../models/audit.model.js';
 import type { OrgLimitOverrides } from '../models/orgLimits.model.js';
 import type { User } from '../models/user.model.js';
 import type { AuthMethod } from '../types/authMethods.js';
-import type { RequestContext, Role } from '../types/context.js';
+import type { CallerMemo, RequestContext, Role } from '../types/context.js';
 
 /**
  * Who is calling. Every method ends in the same `request.context` { userId, orgId, role, email,
@@ -34,6 +34,8 @@ export interface ResolvedCaller {
   readonly context: RequestContext;
   readonly caller: User | null;
   readonly limitOverrides: OrgLimitOverrides;
+  /** The memo of the cached answer, when the caller came from a cache that keeps one. */
+  readonly memo?: CallerMemo | undefined;
 }
 
 /**
@@ -111,6 +113,7 @@ function apply(request: FastifyRequest, resolved: ResolvedCaller): void {
   request.context = context;
   request.caller = resolved.caller;
   request.orgLimitOverrides = resolved.limitOverrides;
+  request.callerMemo = resolved.memo ?? null;
   // Checked first: the line's object is not even built when debug is off (production).
   if (DEBUG_LEVELS.has(request.log.level)) {
     request.log.debug({ userId: context.userId, orgId: context.orgId, role: context.role, authMethod: context.authMethod }, 'Request authenticated');
@@ -124,11 +127,14 @@ function apply(request: FastifyRequest, resolved: ResolvedCaller): void {
 export function callerFromLookup(orgId: string, found: AuthLookup, authMethod: AuthMethod, credentialId: string | null = null): ResolvedCaller {
   if (!found.orgExists || !found.user) throw new AppError('unauthorized', 'Unknown organization or user');
   if (found.user.orgId !== orgId) throw new AppError('forbidden', 'User does not belong to specified organization');
-  const { id: userId, role, email } = found.user;
+  // The cached user's own strings (equal to the request's): whatever keeps the context, a
+  // lease say, then holds no copy of its own.
+  const { id: userId, orgId: userOrgId, role, email } = found.user;
   return {
-    context: { userId, orgId, role, email, authMethod, credentialId },
+    context: { userId, orgId: userOrgId, role, email, authMethod, credentialId },
     caller: found.user,
     limitOverrides: found.limitOverrides,
+    memo: found.memo,
   };
 }
 
@@ -155,6 +161,7 @@ export function registerAuthentication(app: FastifyInstance, auth: Authenticator
   app.decorateRequest('context', null);
   app.decorateRequest('caller', null);
   app.decorateRequest('orgLimitOverrides', null);
+  app.decorateRequest('callerMemo', null);
   app.decorateRequest('claimedIdentity', null);
   const fake = config.methods.includes('fake');
 

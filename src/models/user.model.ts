@@ -2,7 +2,7 @@ import { pageCursor, UUID_VALUE } from './cursor.js';
 import { AppError, notFound } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
-import { ROLES, type RequestContext, type RequestMeta, type Role } from '../types/context.js';
+import { ROLES, type CallerMemo, type RequestContext, type RequestMeta, type Role } from '../types/context.js';
 import { appendAuditLog, userActor } from './audit.model.js';
 import { lookupOverridesFromRow, NO_OVERRIDES, ORG_LIMITS_SELECT, type OrgLimitOverrides } from './orgLimits.model.js';
 import { isSessionLive } from './session.model.js';
@@ -44,15 +44,20 @@ const COLUMNS = 'id, org_id, email, name, role, created_at, updated_at';
 // constants instead, one string for all users rather than one each (cached users add up).
 const ROLE_CONSTANTS = new Map<string, Role>(ROLES.map((r) => [r, r]));
 
-export const toUser = (r: UserRow): User => ({
-  id: r.id,
-  orgId: r.org_id,
-  email: r.email,
-  name: r.name,
-  role: ROLE_CONSTANTS.get(r.role) ?? r.role,
-  createdAt: r.created_at.toISOString(),
-  updatedAt: r.updated_at.toISOString(),
-});
+export const toUser = (r: UserRow): User => {
+  const createdAt = r.created_at.toISOString();
+  const updatedAt = r.updated_at.toISOString();
+  return {
+    id: r.id,
+    orgId: r.org_id,
+    email: r.email,
+    name: r.name,
+    role: ROLE_CONSTANTS.get(r.role) ?? r.role,
+    createdAt,
+    // A user never changed since creation (most of them) shares one string for both.
+    updatedAt: updatedAt === createdAt ? createdAt : updatedAt,
+  };
+};
 
 export const normaliseEmail = (email: string): string => email.trim().toLowerCase();
 
@@ -72,6 +77,8 @@ export interface AuthLookup {
    * limits CLI applies to the very next request.
    */
   limitOverrides: OrgLimitOverrides;
+  /** Set by the auth cache when it keeps this answer (see CallerMemo). */
+  memo?: CallerMemo;
 }
 
 // User ids are unique only within an org; should two orgs ever hold the same id, the claimed

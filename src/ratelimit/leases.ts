@@ -24,6 +24,7 @@
 import type { Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits } from './types.js';
 import type { UsageTally } from './usage.js';
+import type { CallerMemo } from '../types/context.js';
 
 /** Every limit must keep at least this many times the lease after it is charged. */
 const LEASE_HEADROOM = 16;
@@ -68,7 +69,8 @@ export interface Lease {
   readonly backend: LimiterBackend;
   readonly day: string;
   readonly month: string;
-  readonly slotId: string;
+  /** Numbers its concurrency slots' id (see slotIdOf): a number per lease, not a string. */
+  readonly seq: number;
   /** Slots held (0 when the concurrency cap is off). */
   readonly slots: number;
   readonly grantedAtMs: number;
@@ -173,9 +175,15 @@ export class LeaseTable {
    * Admits one request of `cost` from the caller's lease, or answers null: no lease, spent, all
    * its slots in use, or no longer valid (then it is given back). Synchronous.
    */
-  take(orgId: string, userId: string, limits: OrgLimits, cost: number, periods: Periods, nowMs: number): Lease | null {
-    const lease = this.byOrg.get(orgId)?.users.get(userId);
-    if (lease === undefined) return null;
+  take(orgId: string, userId: string, limits: OrgLimits, cost: number, periods: Periods, nowMs: number, memo: CallerMemo | null = null): Lease | null {
+    // The caller's memo first: with many callers, the table's lookups are what a leased request
+    // costs most. It is only a shortcut: a lease found there must still be the caller's current one.
+    let lease = memo?.lease as Lease | undefined;
+    if (lease === undefined || lease.retired || lease.userId !== userId || lease.orgId !== orgId) {
+      lease = this.byOrg.get(orgId)?.users.get(userId);
+      if (lease === undefined) return null;
+      if (memo !== null) memo.lease = lease;
+    }
     if (
       !sameLimits(lease.limits, limits) ||
       lease.day !== periods.day ||
@@ -321,7 +329,8 @@ export class LeaseTable {
     nowMs: number,
     previous: Lease | null,
   ): Promise<boolean> {
-    const slotId = `${this.deps.instance}:lease${++this.seq}`;
+    const seq = ++this.seq;
+    const slotId = this.slotIdOf(seq);
     const slots = limits.maxConcurrent > 0 ? Math.max(1, size.slots) : 0;
     let answer: { decision: Decision; backend: LimiterBackend };
     try {
@@ -374,7 +383,7 @@ export class LeaseTable {
       backend,
       day: periods.day,
       month: periods.month,
-      slotId,
+      seq,
       slots,
       grantedAtMs: nowMs,
       size: size.tokens,
@@ -419,6 +428,11 @@ export class LeaseTable {
     if (lease.inFlight === 0) this.giveBack(lease, nowMs);
   }
 
+  /** The backend's id of a lease's slots (`<instance>:lease<seq>`), made when it is charged and given back. */
+  private slotIdOf(seq: number): string {
+    return `${this.deps.instance}:lease${seq}`;
+  }
+
   /** `nowMs`: the caller's clock (tests run on a simulated one); buckets refill to it first. */
   private giveBack(lease: Lease, nowMs: number): void {
     const o = lease.org;
@@ -439,7 +453,7 @@ export class LeaseTable {
         nowMs,
         day: lease.day,
         month: lease.month,
-        slotId: lease.slotId,
+        slotId: this.slotIdOf(lease.seq),
         slots: lease.slots,
       })
       // Redis unreachable: the tokens stay charged (never admitted more than the limits), and

@@ -1,5 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
+import type { CallerMemo } from '../types/context.js';
 import type { RateLimitConfig } from '../config/env.js';
 import { LeaseTable, type Lease } from './leases.js';
 import { utcPeriods, type Periods } from './periods.js';
@@ -33,6 +34,8 @@ export interface OrgAdmissionArgs {
   cost?: number;
   /** The clock (tests pass a simulated one). */
   nowMs?: number;
+  /** The caller's memo (kept with its cached authentication): where its lease is found first. */
+  memo?: CallerMemo | null;
 }
 
 export interface LimiterStats {
@@ -196,7 +199,7 @@ export class RateLimiter {
       return { allowed: true, retryAfterSeconds: 0, decision: null, periods, nowMs, release: NO_RELEASE };
     }
     // Far from every limit: admitted from the caller's lease, in memory.
-    const lease = this.leases?.take(args.orgId, args.userId, args.limits, cost, periods, nowMs) ?? null;
+    const lease = this.leases?.take(args.orgId, args.userId, args.limits, cost, periods, nowMs, args.memo ?? null) ?? null;
     if (lease !== null) return this.leased(lease, args.orgId, cost, periods, nowMs);
     const orgKey = `o:${args.orgId}`;
     const userKey = `u:${args.orgId}:${args.userId}`;

@@ -122,7 +122,7 @@ export function registerOrgLimit(scope: FastifyInstance, limiter: RateLimiter, c
     const limits = effectiveLimits(config.rateLimit.defaults, request.orgLimitOverrides);
     let answer: Admission | Promise<Admission>;
     try {
-      answer = limiter.admit({ orgId: ctx.orgId, userId: ctx.userId, limits });
+      answer = limiter.admit({ orgId: ctx.orgId, userId: ctx.userId, limits, memo: request.callerMemo });
     } catch (err) {
       done(err as Error);
       return;

@@ -22,6 +22,17 @@ export interface RequestContext {
 }
 
 /**
+ * A small object that lives as long as one cached answer about a caller (made when the answer is
+ * stored, and new whenever the caller is looked up again). Modules that keep state per caller
+ * (the rate limiter's lease) leave a reference to it here, so a request finds it together with its
+ * caller rather than by a lookup of its own. Whatever is kept here must be checked before use: it
+ * is a shortcut, never the record.
+ */
+export interface CallerMemo {
+  lease?: object;
+}
+
+/**
  * Where a request came from, for the audit log. Built from the request by the route layer and
  * handed to the models as a plain object: models never see the HTTP request.
  */
@@ -43,5 +54,7 @@ declare module 'fastify' {
     caller: User | null;
     /** The caller's org's limit overrides (org_limits), read with the authentication lookup. */
     orgLimitOverrides: OrgLimitOverrides | null;
+    /** The memo of the cached answer that authenticated the caller; null when there is none. */
+    callerMemo: CallerMemo | null;
   }
 }

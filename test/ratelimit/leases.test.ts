@@ -6,6 +6,7 @@ import { createMemoryBackend } from '../../src/ratelimit/memory.js';
 import { createRedisBackend } from '../../src/ratelimit/redis.js';
 import type { LimiterBackend, OrgLimits } from '../../src/ratelimit/types.js';
 import { UsageRecorder } from '../../src/ratelimit/usage.js';
+import type { CallerMemo } from '../../src/types/context.js';
 import { testConfig } from '../helpers/app.js';
 import { getTestDb, silentLogger } from '../helpers/db.js';
 import { T0, limits, request } from './helpers.js';
@@ -138,6 +139,36 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
       301,
     ]);
     next.release();
+  });
+
+  it("a caller's memo leads to its lease; renewed, it leads to the new one; another caller's lease in it is not used", async () => {
+    const [backend] = shared().backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    const memo: CallerMemo = {};
+    const admit = (userId: string, m: CallerMemo) => limiter.acquireOrg({ orgId: org, userId, limits: FAR, nowMs: T0, memo: m });
+    (await admit('u1', memo)).release(); // one by one; a lease is asked for in the background
+    await settle();
+    (await admit('u1', memo)).release();
+    const first = memo.lease as { tokens: number; retired: boolean } | undefined;
+    expect(first).toBeDefined();
+    expect(first!.retired).toBe(false);
+    // Spent down to half: renewed in the background; the memo then leads to the successor.
+    for (let i = 0; i < 40; i++) (await admit('u1', memo)).release();
+    await settle();
+    (await admit('u1', memo)).release();
+    expect(first!.retired).toBe(true);
+    const second = memo.lease as { tokens: number; retired: boolean };
+    expect(second).not.toBe(first);
+    expect(second.retired).toBe(false);
+    // u1's memo handed with another caller's request: u2 has no lease, so it asks the backend,
+    // and u1's lease is not charged for it.
+    const tokens = second.tokens;
+    const acquires = backend.acquires;
+    (await admit('u2', memo)).release();
+    expect(backend.acquires).toBeGreaterThan(acquires); // (and maybe u2's own first lease)
+    expect(second.tokens).toBe(tokens);
+    expect(memo.lease).toBe(second);
   });
 
   it('near a limit, every request asks the backend: no lease with the default limits (a user bucket of 50)', async () => {
