@@ -251,10 +251,18 @@ describe('AuthCache against the database', () => {
     const t = await createTenant();
     const cache = new AuthCache(countingLoader(db).load, { ...OPTS, ttlMs: 300 });
     await cache.lookup(t.org.id, t.member.id);
+    // Refusals too: an unknown user, and an unknown org.
+    const [unknownUser, unknownOrg] = [randomUUID(), randomUUID()];
+    await cache.lookup(t.org.id, unknownUser);
+    await cache.lookup(unknownOrg, t.member.id);
     await db.query('UPDATE users SET deleted_at = now() WHERE id = $1', [t.member.id]);
     expect(cache.peek(t.org.id, t.member.id)?.user).not.toBeNull();
+    expect(cache.peek(t.org.id, unknownUser)).toBeDefined();
+    expect(cache.peek(unknownOrg, t.member.id)).toBeDefined();
     await new Promise((r) => setTimeout(r, 350));
     expect(cache.peek(t.org.id, t.member.id)).toBeUndefined();
+    expect(cache.peek(t.org.id, unknownUser)).toBeUndefined();
+    expect(cache.peek(unknownOrg, t.member.id)).toBeUndefined();
     expect((await cache.lookup(t.org.id, t.member.id)).user).toBeNull();
   });
 

@@ -77,8 +77,8 @@ export interface AuthLookup {
    * limits CLI applies to the very next request.
    */
   limitOverrides: OrgLimitOverrides;
-  /** Set by the auth cache when it keeps this answer (see CallerMemo). */
-  memo?: CallerMemo;
+  /** With a user: a fresh memo for as long as this answer is used (see CallerMemo). */
+  memo?: CallerMemo | undefined;
 }
 
 // User ids are unique only within an org; should two orgs ever hold the same id, the claimed
@@ -101,10 +101,12 @@ export type AuthLookupRow = { org_exists: boolean } & { [K in keyof UserRow]: Us
 /** The AuthLookup one such row (or none) describes. */
 export function authLookupOf(r: AuthLookupRow | undefined): AuthLookup {
   const orgExists = Boolean(r?.org_exists);
+  const user = orgExists && r?.id ? toUser(r as UserRow) : null;
   return {
     orgExists,
-    user: orgExists && r?.id ? toUser(r as UserRow) : null,
+    user,
     limitOverrides: r ? lookupOverridesFromRow(r) : NO_OVERRIDES,
+    memo: user ? {} : undefined,
   };
 }
 
