@@ -85,13 +85,9 @@ export interface ErrorBody {
 }
 
 export function errorBody(err: AppError, requestId: string): ErrorBody {
-  return {
-    error: STATUS_CODES[err.statusCode] ?? 'Error',
-    message: err.message,
-    code: err.code,
-    requestId,
-    ...(err.details ? { details: err.details } : {}),
-  };
+  const body: ErrorBody = { error: STATUS_CODES[err.statusCode] ?? 'Error', message: err.message, code: err.code, requestId };
+  if (err.details) body.details = err.details;
+  return body;
 }
 
 export const notFound = (what = 'Resource') => new AppError('not_found', `${what} not found`);

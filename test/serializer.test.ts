@@ -4,7 +4,7 @@ import { serializerCompiler as zodSerializerCompiler, validatorCompiler } from '
 import { describe, expect, it } from 'vitest';
 import { z } from 'zod';
 import { AppError, errorBody } from '../src/errors.js';
-import { serializeErrorBody } from '../src/middleware/errorHandler.js';
+import { plainErrorJson, serializeErrorBody } from '../src/middleware/errorHandler.js';
 import { compileExactSerializer, serializerCompiler } from '../src/routes/serializer.js';
 import { ErrorSchema, UserSchema } from '../src/routes/schemas.js';
 
@@ -212,6 +212,10 @@ describe('compiled response serializer', () => {
         ]) {
           const body = errorBody(err, requestId);
           expect(serializeErrorBody(body)).toBe(JSON.stringify(body));
+          // The one-string path: the same bytes, or null where it does not apply.
+          const plain = plainErrorJson(err, requestId);
+          if (err.details === undefined && /^[A-Za-z0-9._~:-]*$/.test(requestId)) expect(plain).toBe(JSON.stringify(body));
+          else expect(plain).toBeNull();
         }
       }
     }

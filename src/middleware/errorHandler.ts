@@ -74,6 +74,30 @@ export function serializeErrorBody(body: ErrorBody): string {
   return plain ? writePlainErrorBody(body) : JSON.stringify(body);
 }
 
+// A request id made of these characters needs no escaping in JSON (ours are UUIDs; one sent by a
+// caller is kept only if it matches src/middleware/requestId.ts's stricter pattern).
+const JSON_PLAIN_ID = /^[A-Za-z0-9._~:-]*$/;
+// The JSON of an error without details, up to its request id: the same for every request that
+// gets this error object (a refused flood gets a few cached ones over and over).
+const plainPrefixes = new WeakMap<AppError, string>();
+
+/**
+ * The JSON body of `err` for request `requestId` as one string, or null when it has details or
+ * the id would need escaping (then serializeErrorBody writes it). Exported for its test.
+ */
+export function plainErrorJson(err: AppError, requestId: string): string | null {
+  if (err.details !== undefined || !JSON_PLAIN_ID.test(requestId)) return null;
+  let prefix = plainPrefixes.get(err);
+  if (prefix === undefined) {
+    const json = serializeErrorBody(errorBody(err, ''));
+    prefix = json.slice(0, json.length - 2); // up to the empty id's closing quote and brace
+    plainPrefixes.set(err, prefix);
+  }
+  return `${prefix}${requestId}"}`;
+}
+
+const JSON_TYPE = 'application/json; charset=utf-8';
+
 export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
   if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));
   // RFC 6750: say which scheme is expected, and that a presented token was refused.
@@ -82,11 +106,10 @@ export function sendError(request: FastifyRequest, reply: FastifyReply, err: App
   }
   // Serialised here, not by the route's response schema: an error (a 503 from the auth hook on
   // /health, say) must never be forced into the shape of that route's success body.
-  return reply
-    .code(err.statusCode)
-    .type('application/json; charset=utf-8')
-    .serializer(serializeErrorBody)
-    .send(errorBody(err, request.id));
+  void reply.code(err.statusCode).type(JSON_TYPE);
+  // A string with a JSON content type is sent as it is.
+  const json = plainErrorJson(err, request.id);
+  return json !== null ? reply.send(json) : reply.serializer(serializeErrorBody).send(errorBody(err, request.id));
 }
 
 export function registerErrorHandling(app: FastifyInstance): void {
