@@ -49,8 +49,8 @@ export interface CachePolicy<V> {
   /** Called once on every answer before it is stored: freeze what callers must not change. */
   freeze?(value: V): void;
   /**
-   * The id alone names the answer, whatever org is asked about (a user id: UUIDs are unique
-   * across orgs), and `classify(value, orgId)` tells whether it is positive for that org. Positive
+   * The id alone names the answer, whatever org is asked about (a user id, a UUID), and
+   * `classify(value, orgId)` tells whether it is positive for that org. Positive
    * answers are then kept under the id alone: a hit builds no key string, and a caller's raw
    * header values can be tried before they are validated (only validated ids are ever stored).
    */
