@@ -74,6 +74,21 @@ export class AppError extends Error {
     this.name = 'AppError';
     this.statusCode = status;
   }
+
+  #bodyPrefix: string | undefined;
+
+  /**
+   * The JSON of its body (errorBody, without details) up to the request id's value: the same for
+   * every request it answers, made once. Refusals are cached AppErrors, so a refused flood writes
+   * only the id.
+   */
+  bodyJsonPrefix(): string {
+    if (this.#bodyPrefix === undefined) {
+      // Without details, requestId is the body's last field: cut its empty value's `"}`.
+      this.#bodyPrefix = JSON.stringify(errorBody(this, '')).slice(0, -2);
+    }
+    return this.#bodyPrefix;
+  }
 }
 
 export interface ErrorBody {

@@ -1,7 +1,6 @@
 import type { FastifyError, FastifyInstance, FastifyReply, FastifyRequest } from 'fastify';
-import fastJsonStringify from 'fast-json-stringify';
 import { hasZodFastifySchemaValidationErrors } from 'fastify-type-provider-zod';
-import { AppError, errorBody, type ErrorBody, type ErrorDetail } from '../errors.js';
+import { AppError, errorBody, type ErrorDetail } from '../errors.js';
 import { DatabaseUnavailableError } from '../infra/database.js';
 
 /**
@@ -58,42 +57,18 @@ export function toAppError(err: unknown, request: FastifyRequest): AppError {
   return new AppError('internal_error', 'Internal server error');
 }
 
-// Most error bodies are four strings (a refused flood's 429s above all): fast-json-stringify
-// writes those exactly as JSON.stringify does, in about half the time. A body with details keeps
-// JSON.stringify, which writes every property a detail carries.
-const writePlainErrorBody = fastJsonStringify({
-  type: 'object',
-  properties: { error: { type: 'string' }, message: { type: 'string' }, code: { type: 'string' }, requestId: { type: 'string' } },
-  required: ['error', 'message', 'code', 'requestId'],
-  additionalProperties: false,
-});
-
-/** The JSON of an error body; exported for the test that compares it to JSON.stringify. */
-export function serializeErrorBody(body: ErrorBody): string {
-  const plain = body.details === undefined && typeof body.message === 'string' && typeof body.requestId === 'string';
-  return plain ? writePlainErrorBody(body) : JSON.stringify(body);
-}
-
 // A request id made of these characters needs no escaping in JSON (ours are UUIDs; one sent by a
 // caller is kept only if it matches src/middleware/requestId.ts's stricter pattern).
 const JSON_PLAIN_ID = /^[A-Za-z0-9._~:-]*$/;
-// The JSON of an error without details, up to its request id: the same for every request that
-// gets this error object (a refused flood gets a few cached ones over and over).
-const plainPrefixes = new WeakMap<AppError, string>();
 
 /**
- * The JSON body of `err` for request `requestId` as one string, or null when it has details or
- * the id would need escaping (then serializeErrorBody writes it). Exported for its test.
+ * The JSON body of `err` for request `requestId` as one string: the error's cached prefix and the
+ * id. Null when it has details or the id would need escaping (then JSON.stringify writes the
+ * body). Exported for its test.
  */
 export function plainErrorJson(err: AppError, requestId: string): string | null {
   if (err.details !== undefined || !JSON_PLAIN_ID.test(requestId)) return null;
-  let prefix = plainPrefixes.get(err);
-  if (prefix === undefined) {
-    const json = serializeErrorBody(errorBody(err, ''));
-    prefix = json.slice(0, json.length - 2); // up to the empty id's closing quote and brace
-    plainPrefixes.set(err, prefix);
-  }
-  return `${prefix}${requestId}"}`;
+  return `${err.bodyJsonPrefix()}${requestId}"}`;
 }
 
 const JSON_TYPE = 'application/json; charset=utf-8';
@@ -109,7 +84,7 @@ export function sendError(request: FastifyRequest, reply: FastifyReply, err: App
   void reply.code(err.statusCode).type(JSON_TYPE);
   // A string with a JSON content type is sent as it is.
   const json = plainErrorJson(err, request.id);
-  return json !== null ? reply.send(json) : reply.serializer(serializeErrorBody).send(errorBody(err, request.id));
+  return json !== null ? reply.send(json) : reply.serializer(JSON.stringify).send(errorBody(err, request.id));
 }
 
 export function registerErrorHandling(app: FastifyInstance): void {
