@@ -220,11 +220,12 @@ export function registerAuthentication(app: FastifyInstance, auth: Authenticator
   });
 }
 
+const authenticationRequired = () =>
+  new AppError('unauthorized', 'Authentication required: send Authorization: Bearer <API key or access token>');
+
 /** The caller of a tenant route; anonymous requests get 401. */
 export function contextOf(request: FastifyRequest): RequestContext {
-  if (!request.context) {
-    throw new AppError('unauthorized', 'Authentication required: send Authorization: Bearer <API key or access token>');
-  }
+  if (!request.context) throw authenticationRequired();
   return request.context;
 }
 
@@ -233,12 +234,7 @@ export function contextOf(request: FastifyRequest): RequestContext {
  * hook: an async one would cost every tenant request a promise.
  */
 export function requireContext(request: FastifyRequest, _reply: FastifyReply, done: HookHandlerDoneFunction): void {
-  if (request.context) return done();
-  try {
-    contextOf(request);
-  } catch (err) {
-    done(err as Error);
-  }
+  done(request.context ? undefined : authenticationRequired());
 }
 
 const RANK: Record<Role, number> = { member: 0, admin: 1, owner: 2 };

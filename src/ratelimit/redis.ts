@@ -1,8 +1,8 @@
 /**
- * Redis limiter backend: one Lua script per acquire (limit.lua) and one per lease refund (refund.lua), shared by every instance, so the
- * check-then-charge is atomic across all of them. Works on a single Redis and, unchanged, on a
- * Redis Cluster: every key of an org carries the hash tag `{org:<id>}` and all keys are passed in
- * KEYS, so the script touches one slot only.
+ * Redis limiter backend: one Lua script per acquire (limit.lua) and one per lease refund
+ * (refund.lua), shared by every instance, so the check-then-charge is atomic across all of them.
+ * Works on a single Redis and, unchanged, on a Redis Cluster: every key of an org carries the hash
+ * tag `{org:<id>}` and all keys are passed in KEYS, so a script touches one slot only.
  */
 import { readFileSync } from 'node:fs';
 import type { Cluster, Redis } from 'ioredis';
