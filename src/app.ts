@@ -1,3 +1,4 @@
+import { createServer } from 'node:http';
 import Fastify, { LogController, type FastifyBaseLogger, type FastifyInstance } from 'fastify';
 import swagger from '@fastify/swagger';
 import swaggerUi from '@fastify/swagger-ui';
@@ -12,6 +13,7 @@ import { registerErrorHandling, sendError, toAppError } from './middleware/error
 import { registerAuthentication, requireContext } from './middleware/authenticate.js';
 import { registerMetrics } from './middleware/metrics.js';
 import { genReqId, registerRequestId, REQUEST_ID_HEADER } from './middleware/requestId.js';
+import { createRefusalGate, type RefusalGate } from './middleware/refusalGate.js';
 import { apiKeyRoutes } from './routes/apiKeys.route.js';
 import { auditRoutes } from './routes/audit.route.js';
 import { authRoutes } from './routes/auth.route.js';
@@ -30,20 +32,40 @@ import './types/context.js';
 const KEY_IN_URL = /llmk_[0-9A-Za-z]*/g;
 const redactKeys = (url: string): string => (url.includes('llmk_') ? url.replace(KEY_IN_URL, 'llmk_[redacted]') : url);
 
+// Long ids reach the params schema and get its 400, instead of the router's bare 414.
+const MAX_PARAM_LENGTH = 16_384;
+
 export interface AppDeps {
   config: Config;
   db: Database;
   limiter: RateLimiter;
   /** The process logger; when absent the app makes its own from the config. */
   logger?: FastifyBaseLogger;
+  /** The refusal gate (src/middleware/refusalGate.ts); on unless false (tests compare both paths). */
+  refusalGate?: boolean;
 }
 
 /**
  * Builds the HTTP application: hooks in the order every request meets them (request id, metrics,
  * auth), then routes. Never listens: src/server.ts does, and tests use app.inject().
  */
-export async function buildApp({ config, db, limiter, logger }: AppDeps): Promise<FastifyInstance> {
+export async function buildApp({ config, db, limiter, logger, refusalGate = true }: AppDeps): Promise<FastifyInstance> {
+  // Set below, once the app's pieces exist; the server only takes requests after that.
+  let gate: RefusalGate | null = null;
+  let closing = false;
   const app = Fastify({
+    // Fastify's server, with the refusal gate in front of its handler. The four settings are
+    // what Fastify applies to a server it makes itself (lib/server.js).
+    serverFactory: (handler, opts) => {
+      const server = createServer((req, res) => {
+        if (gate === null || closing || !gate(req, res)) handler(req, res);
+      });
+      server.keepAliveTimeout = opts.keepAliveTimeout as number;
+      server.requestTimeout = opts.requestTimeout as number;
+      server.setTimeout(opts.connectionTimeout as number);
+      if ((opts.maxRequestsPerSocket as number) > 0) server.maxRequestsPerSocket = opts.maxRequestsPerSocket as number;
+      return server;
+    },
     ...(logger ? { loggerInstance: logger } : { logger: loggerOptions(config) }),
     genReqId,
     requestIdHeader: false,
@@ -54,8 +76,7 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     trustProxy: config.trustProxy,
     bodyLimit: config.bodyLimitBytes,
     return503OnClosing: true,
-    // Long ids reach the params schema and get its 400, instead of the router's bare 414.
-    routerOptions: { maxParamLength: 16_384 },
+    routerOptions: { maxParamLength: MAX_PARAM_LENGTH },
     // Malformed URLs and the like fail before any hook runs: same body shape, same header.
     frameworkErrors: (err, request, reply) => {
       void reply.header(REQUEST_ID_HEADER, request.id);
@@ -68,7 +89,6 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
 
   // While shutting down, ask keep-alive clients to close: an idle kept-alive socket would
   // otherwise hold app.close() open until the shutdown timeout.
-  let closing = false;
   app.addHook('preClose', (done) => {
     closing = true;
     done();
@@ -99,13 +119,16 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
       },
     });
   }
-  const metrics = registerMetrics(app, limiter, auth);
+  const metrics = registerMetrics(app, limiter, auth, () => refusals?.answered() ?? 0);
+  const accessLine = (method: string, url: string, statusCode: number, ms: number) => ({
+    method,
+    url: redactKeys(url),
+    statusCode,
+    ms: Math.round(ms * 10) / 10,
+  });
   if (config.accessLog) {
     app.addHook('onResponse', (request, reply, done) => {
-      request.log.info(
-        { method: request.method, url: redactKeys(request.url), statusCode: reply.statusCode, ms: Math.round(reply.elapsedTime * 10) / 10 },
-        'request completed',
-      );
+      request.log.info(accessLine(request.method, request.url, reply.statusCode, reply.elapsedTime), 'request completed');
       done();
     });
   }
@@ -113,7 +136,21 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
   const bearer = await createBearerMethods({ config, db, auth, log, limiter });
   app.decorate('bearerMethods', bearer);
   app.addHook('onClose', () => bearer.close());
-  registerAuthentication(app, auth, config.auth, bearer.methods);
+  const cachedCaller = registerAuthentication(app, auth, config.auth, bearer.methods);
+  const refusals = refusalGate
+    ? createRefusalGate({
+        cachedCaller,
+        limiter,
+        defaults: config.rateLimit.defaults,
+        observe: metrics.observe,
+        trustProxy: config.trustProxy,
+        // The access log's line, with the request id a request's own logger would add.
+        accessLog: config.accessLog
+          ? (requestId, method, url, statusCode, ms) => log.info({ requestId, ...accessLine(method, url, statusCode, ms) }, 'request completed')
+          : null,
+        maxParamLength: MAX_PARAM_LENGTH,
+      })
+    : null;
   registerRefusalAudit(app, db, config.auditRefusalsPerMinute);
   registerErrorHandling(app);
 
@@ -154,6 +191,8 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
       // tenant scope below.
       if (bearer.sessions) await v1.register(authRoutes, { sessions: bearer.sessions });
       await v1.register(async (tenant) => {
+        // Every tenant route is one the refusal gate may answer for.
+        if (refusals) tenant.addHook('onRoute', (route) => refusals.routes.add(route.method, route.url));
         tenant.addHook('onRequest', requireContext);
         registerOrgLimit(tenant, limiter, config);
         await tenant.register(meRoutes, { db });
@@ -167,5 +206,6 @@ export async function buildApp({ config, db, limiter, logger }: AppDeps): Promis
     { prefix: '/v1' },
   );
 
+  gate = refusals?.gate ?? null;
   return app;
 }

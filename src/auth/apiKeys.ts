@@ -52,6 +52,12 @@ const sha256Hex = (s: string) => createHash('sha256').update(s, 'utf8').digest('
 
 export interface ApiKeyMethod {
   resolve: BearerResolver;
+  /**
+   * The caller of a live key whose answer is cached; undefined for anything else (malformed,
+   * uncached, unknown, revoked, expired), which `resolve` answers. Records the key's use, as
+   * `resolve` does. Never throws, never queries.
+   */
+  cached: (token: string) => ResolvedCaller | undefined;
   /** Writes the last uses recorded so far (tests; close). */
   flush(): Promise<void>;
   close(): Promise<void>;
@@ -66,6 +72,17 @@ export function createApiKeyMethod(deps: { db: Database; auth: Authenticator; lo
   );
   const lastUsed = new LastUsedRecorder(db, log, deps.flushIntervalMs);
   lastUsed.start();
+  // The last token hashed: the refusal gate and the authentication hook look at the same
+  // request's token one after the other, and one SHA-256 is then enough.
+  let lastToken = '';
+  let lastHash = '';
+  const hashOf = (token: string): string => {
+    if (token !== lastToken) {
+      lastHash = sha256Hex(token);
+      lastToken = token;
+    }
+    return lastHash;
+  };
 
   const accept = (answer: KeyAnswer, request: FastifyRequest): ResolvedCaller => {
     const { key, resolved } = answer;
@@ -83,10 +100,19 @@ export function createApiKeyMethod(deps: { db: Database; auth: Authenticator; lo
   return {
     resolve(token, request) {
       if (!API_KEY_FORMAT.test(token)) throw invalidToken('Malformed API key');
-      const hash = sha256Hex(token);
+      const hash = hashOf(token);
       const cached = cache.peek('', hash);
       if (cached) return accept(cached, request);
       return cache.lookup('', hash).then((answer) => accept(answer, request));
+    },
+    cached: (token) => {
+      if (!API_KEY_FORMAT.test(token)) return undefined;
+      const answer = cache.peek('', hashOf(token));
+      if (!answer?.resolved || !answer.key || !answer.orgLive) return undefined;
+      const now = Date.now();
+      if (!isKeyLive(answer.key, now)) return undefined;
+      lastUsed.record(answer.key.orgId, answer.key.id, now);
+      return answer.resolved;
     },
     flush: () => lastUsed.flush(),
     close: () => lastUsed.close(),

@@ -50,6 +50,7 @@ export async function createBearerMethods(deps: AuthMethodDeps): Promise<Running
   if (on('api_key')) {
     const apiKeys = createApiKeyMethod({ ...deps, flushIntervalMs: deps.config.rateLimit.usageFlushIntervalMs });
     methods.apiKey = apiKeys.resolve;
+    methods.cachedApiKey = apiKeys.cached;
     flushers.push(() => apiKeys.flush());
     closers.push(() => apiKeys.close());
   }

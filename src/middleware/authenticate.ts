@@ -1,3 +1,4 @@
+import type { IncomingHttpHeaders } from 'node:http';
 import type { FastifyInstance, FastifyReply, FastifyRequest, HookHandlerDoneFunction } from 'fastify';
 import { decodeJwt } from 'jose';
 import type { Authenticator, AuthLookup } from '../auth/index.js';
@@ -49,6 +50,8 @@ export type BearerResolver = (token: string, request: FastifyRequest) => Resolve
 export interface BearerMethods {
   /** Tokens starting with `llmk_`. */
   apiKey?: BearerResolver;
+  /** The caller of an API key answered from cache, without a refusal; undefined otherwise. */
+  cachedApiKey?: (token: string) => ResolvedCaller | undefined;
   /** JWTs whose `iss` is ours (JWT_ISSUER). */
   session?: { issuer: string; resolve: BearerResolver };
   /** JWTs whose `iss` is the OpenID Connect provider's (OIDC_ISSUER). */
@@ -157,7 +160,15 @@ function bearerResolver(token: string, methods: BearerMethods): BearerResolver {
   throw invalidToken('Token from an unknown or disabled issuer');
 }
 
-export function registerAuthentication(app: FastifyInstance, auth: Authenticator, config: AuthConfig, methods: BearerMethods): void {
+/**
+ * The caller these headers name, when a cache answers it without a refusal; undefined for
+ * anything the authentication hook must decide: no credential, an uncached, unknown, refused or
+ * malformed one, a JWT (its signature is checked on every request), both kinds at once.
+ */
+export type CachedCaller = (headers: IncomingHttpHeaders) => ResolvedCaller | undefined;
+
+/** Registers the authentication hook; returns the cached-caller check of the same methods (for the refusal gate). */
+export function registerAuthentication(app: FastifyInstance, auth: Authenticator, config: AuthConfig, methods: BearerMethods): CachedCaller {
   app.decorateRequest('context', null);
   app.decorateRequest('caller', null);
   app.decorateRequest('orgLimitOverrides', null);
@@ -218,6 +229,21 @@ export function registerAuthentication(app: FastifyInstance, auth: Authenticator
       (err: unknown) => done(err as Error),
     );
   });
+
+  return (headers) => {
+    const authorization = headers.authorization;
+    if (authorization !== undefined) {
+      if (headers[ORG_HEADER] !== undefined || headers[USER_HEADER] !== undefined || !methods.cachedApiKey) return undefined;
+      const token = BEARER.exec(authorization)?.[1];
+      return token?.startsWith(API_KEY_PREFIX) === true ? methods.cachedApiKey(token) : undefined;
+    }
+    if (!fake) return undefined;
+    const rawOrg = headers[ORG_HEADER];
+    const rawUser = headers[USER_HEADER];
+    if (typeof rawOrg !== 'string' || typeof rawUser !== 'string') return undefined;
+    const hit = auth.peekCaller(rawOrg, rawUser);
+    return hit === undefined ? undefined : callerFromLookup(hit.user!.orgId, hit, 'fake');
+  };
 }
 
 const authenticationRequired = () =>

@@ -86,13 +86,21 @@ class RequestDurations {
 export interface Metrics {
   /** The text exposition of every metric, for GET /metrics. */
   scrape(): Promise<{ contentType: string; body: string }>;
+  /** Counts one response in http_request_duration_seconds (for answers given outside Fastify's hooks). */
+  observe: (method: string, route: string, status: number, seconds: number) => void;
 }
 
 /**
  * Times every request into a histogram labelled by method, route pattern (never the raw URL,
  * whose ids would explode the series count) and status code.
  */
-export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth: Authenticator): Metrics {
+export function registerMetrics(
+  app: FastifyInstance,
+  limiter: RateLimiter,
+  auth: Authenticator,
+  /** Refusals the refusal gate answered (read at scrape time; the gate is made after the metrics). */
+  gateRefusals: () => number,
+): Metrics {
   const registry = new Registry();
   const duration = new RequestDurations(DURATION_BUCKETS);
   registry.registerMetric(duration as unknown as Metric);
@@ -127,6 +135,15 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth
       this.inc({ event: 'granted' }, s.granted);
       this.inc({ event: 'given_back' }, s.refunded);
       this.inc({ event: 'admitted' }, s.admitted);
+    },
+  });
+  new Counter({
+    name: 'rate_limit_gate_refusals_total',
+    help: 'Refusals answered before routing, from memory, by the refusal gate (also counted in rate_limit_decisions_total)',
+    registers: [registry],
+    collect() {
+      this.reset();
+      this.inc(gateRefusals());
     },
   });
   new Gauge({
@@ -175,6 +192,7 @@ export function registerMetrics(app: FastifyInstance, limiter: RateLimiter, auth
     done();
   });
   return {
+    observe: (method, route, status, seconds) => duration.observe(method, route, status, seconds),
     async scrape() {
       const merged = Registry.merge([getProcessRegistry(), registry]);
       return { contentType: merged.contentType, body: await merged.metrics() };

@@ -171,6 +171,11 @@ export class LeaseTable {
     return this.held;
   }
 
+  /** Whether the caller holds a lease on this instance (spent or not). */
+  holds(orgId: string, userId: string): boolean {
+    return this.byOrg.get(orgId)?.users.has(userId) ?? false;
+  }
+
   /**
    * Admits one request of `cost` from the caller's lease, or answers null: no lease, spent, all
    * its slots in use, or no longer valid (then it is given back). Synchronous.

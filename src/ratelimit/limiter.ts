@@ -214,6 +214,39 @@ export class RateLimiter {
     return this.askBackend(args, cost, periods, nowMs, orgKey, userKey, probed);
   }
 
+  /** Whether any refusal (of an org, a user or a key) is remembered: false, nothing can be repeated. */
+  get remembersRefusals(): boolean {
+    return this.blocked.size > 0;
+  }
+
+  /**
+   * The refusal `admit()` would repeat from memory for this caller, without anything `admit()`
+   * does besides: no lease taken, no probe started, no backend call. Null whenever `admit()` could
+   * answer otherwise: limits off, a lease held, nothing remembered, or a block that has expired
+   * (its probe is `admit()`'s to send). Not counted: `countRefusal()` counts it once it is sent.
+   * For the refusal gate (src/middleware/refusalGate.ts).
+   */
+  rememberedRefusal(args: OrgAdmissionArgs): Admission | null {
+    if (this.blocked.size === 0 || isOff(args.limits)) return null;
+    if (this.leases?.holds(args.orgId, args.userId) === true) return null;
+    const nowMs = args.nowMs ?? Date.now();
+    const orgBlock = this.blocked.get(`o:${args.orgId}`);
+    if (orgBlock !== undefined) return this.stillRefusing(orgBlock, nowMs) ? repeated(orgBlock, utcPeriods(nowMs), nowMs) : null;
+    const userBlock = this.blocked.get(`u:${args.orgId}:${args.userId}`);
+    if (userBlock !== undefined && this.stillRefusing(userBlock, nowMs)) return repeated(userBlock, utcPeriods(nowMs), nowMs);
+    return null;
+  }
+
+  /** Counts a refusal answered outside `admit()` (the refusal gate's) in the decision stats. */
+  countRefusal(refusedBy: Refusal): void {
+    this.stats.refused[refusedBy]++;
+  }
+
+  /** Whether checkBlocked() would answer this block itself (not expired, or expired with its probe out). */
+  private stillRefusing(b: Blocked, nowMs: number): boolean {
+    return nowMs < b.untilMs || (b.probeSinceMs !== null && nowMs - b.probeSinceMs < MAX_BLOCK_MS);
+  }
+
   private async askBackend(
     args: OrgAdmissionArgs,
     cost: number,
@@ -496,14 +529,19 @@ export class RateLimiter {
 
   private refusedFromBlock(b: Blocked, periods: Periods, nowMs: number): Admission {
     this.stats.refused[b.refusedBy]++;
-    return {
-      allowed: false,
-      refusedBy: b.refusedBy,
-      retryAfterSeconds: Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)),
-      decision: b.decision,
-      periods,
-      nowMs,
-      release: NO_RELEASE,
-    };
+    return repeated(b, periods, nowMs);
   }
+}
+
+/** The refusal a block repeats at `nowMs`. */
+function repeated(b: Blocked, periods: Periods, nowMs: number): Admission {
+  return {
+    allowed: false,
+    refusedBy: b.refusedBy,
+    retryAfterSeconds: Math.max(1, Math.ceil((b.retryAtMs - nowMs) / 1000)),
+    decision: b.decision,
+    periods,
+    nowMs,
+    release: NO_RELEASE,
+  };
 }

@@ -25,7 +25,8 @@ const hasAuthHeaders = (r: FastifyRequest) => AUTH_HEADERS.some((h) => r.headers
 // A refused flood gets the same few answers over and over: an AppError is immutable, so each
 // (reason, wait) is built once. Bounded: the daily cap's wait counts down every second.
 const refusals = new Map<string, AppError>();
-function refusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {
+/** The error of a refusal: shared by the org limit hook and the refusal gate. */
+export function refusal(refusedBy: Refusal, retryAfterSeconds: number): AppError {
   const key = `${refusedBy}:${retryAfterSeconds}`;
   let err = refusals.get(key);
   if (err === undefined) {

@@ -26,13 +26,23 @@ export function testConfig(env: Record<string, string> = {}): Config {
 }
 
 /** The app on the shared test database, for app.inject(). Close it in afterAll. */
-export async function buildTestApp(opts: { db?: Database; env?: Record<string, string> } = {}): Promise<FastifyInstance> {
+export async function buildTestApp(
+  opts: {
+    db?: Database;
+    env?: Record<string, string>;
+    /** False: without the refusal gate (tests compare its answers with the full path's). */
+    refusalGate?: boolean;
+    /** Runs before app.ready(), to add a test's own hooks. */
+    beforeReady?: (app: FastifyInstance) => void;
+  } = {},
+): Promise<FastifyInstance> {
   const db = opts.db ?? (await getTestDb());
   const config = testConfig(opts.env);
   const rateLimiter = createRateLimiter(config, db, silentLogger);
   await rateLimiter.ready(5_000);
-  const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger: silentLogger });
+  const app = await buildApp({ config, db, limiter: rateLimiter.limiter, logger: silentLogger, refusalGate: opts.refusalGate ?? true });
   app.addHook('onClose', () => rateLimiter.close());
+  opts.beforeReady?.(app);
   await app.ready();
   return app;
 }

@@ -110,3 +110,60 @@ describe('blocked until, at expiry', () => {
     expect(backend.calls).toBe(calls + 1);
   });
 });
+
+describe('rememberedRefusal (the refusal gate asks it before any hook runs)', () => {
+  const orgLimits = limits({ orgBurst: 1, orgPerSecond: 10 });
+
+  it('repeats exactly what admit() would repeat from memory, and nothing else', async () => {
+    const backend = countingBackend(1);
+    const limiter = await limiterWith(backend);
+    const orgId = randomUUID();
+    const userId = randomUUID();
+    const args = (nowMs: number) => ({ orgId, userId, limits: orgLimits, nowMs });
+    expect(limiter.rememberedRefusal(args(T0))).toBeNull(); // nothing remembered yet
+    expect((await limiter.acquireOrg(args(T0))).allowed).toBe(true);
+    const refused = await limiter.acquireOrg(args(T0)); // the backend's refusal: blocked until T0 + 100
+    expect(refused.allowed).toBe(false);
+
+    const again = limiter.rememberedRefusal(args(T0 + 50));
+    expect(again).toMatchObject({ allowed: false, refusedBy: 'org_rate', retryAfterSeconds: refused.retryAfterSeconds, decision: refused.decision });
+    // Another user of the org is refused too; another org is not; limits off never are.
+    expect(limiter.rememberedRefusal({ ...args(T0 + 50), userId: randomUUID() })?.refusedBy).toBe('org_rate');
+    expect(limiter.rememberedRefusal({ ...args(T0 + 50), orgId: randomUUID() })).toBeNull();
+    expect(limiter.rememberedRefusal({ ...args(T0 + 50), limits: limits({}) })).toBeNull();
+    // Asking counts nothing; countRefusal does.
+    const before = limiter.stats.refused.org_rate;
+    limiter.rememberedRefusal(args(T0 + 60));
+    expect(limiter.stats.refused.org_rate).toBe(before);
+    limiter.countRefusal('org_rate');
+    expect(limiter.stats.refused.org_rate).toBe(before + 1);
+    expect(backend.calls).toBe(2);
+
+    // Expired: not the gate's to answer, and asking does not take the probe from admit().
+    expect(limiter.rememberedRefusal(args(T0 + 150))).toBeNull();
+    expect((await limiter.acquireOrg(args(T0 + 150))).allowed).toBe(true); // admit() probes
+    expect(backend.calls).toBe(3);
+  });
+
+  it('answers null while the caller holds a lease: admit() would admit from it', async () => {
+    const backend = countingBackend(0);
+    const limiter = await limiterWith(backend);
+    const slow = limits({ orgBurst: 1_000, orgPerSecond: 0.001 });
+    const orgId = randomUUID();
+    const leased = randomUUID();
+    const args = (userId: string) => ({ orgId, userId, limits: slow, nowMs: T0 });
+    expect((await limiter.acquireOrg(args(leased))).allowed).toBe(true);
+    await new Promise((r) => setTimeout(r, 20)); // a lease is asked for in the background
+    expect(limiter.leaseStats.held).toBe(1);
+    // Other users spend the rest of the org's bucket until the org is refused (and blocked).
+    let refused = false;
+    for (let i = 0; i < 2_000 && !refused; i++) {
+      refused = !(await limiter.acquireOrg(args(randomUUID()))).allowed;
+    }
+    expect(refused).toBe(true);
+    expect(limiter.rememberedRefusal(args(randomUUID()))?.refusedBy).toBe('org_rate');
+    // The leased caller is still admitted by admit(), from its lease: the gate must not refuse it.
+    expect(limiter.rememberedRefusal(args(leased))).toBeNull();
+    expect(limiter.admit(args(leased))).toMatchObject({ allowed: true });
+  });
+});
