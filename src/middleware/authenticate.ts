@@ -137,7 +137,7 @@ export function callerFromLookup(orgId: string, found: AuthLookup, authMethod: A
     context: { userId, orgId: userOrgId, role, email, authMethod, credentialId },
     caller: found.user,
     limitOverrides: found.limitOverrides,
-    memo: found.memo,
+    memo: found,
   };
 }
 

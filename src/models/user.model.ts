@@ -64,7 +64,12 @@ export const normaliseEmail = (email: string): string => email.trim().toLowerCas
 // ---------------------------------------------------------------------------------------------
 // Authentication lookup: the one query that runs before the org is trusted.
 
-export interface AuthLookup {
+/**
+ * An authentication lookup's answer. It is also the caller's memo (CallerMemo): it lives exactly
+ * as long as one answer about the caller is used, so what a module keeps per caller (the rate
+ * limiter's lease) goes in its `lease` field rather than in an object of its own.
+ */
+export interface AuthLookup extends CallerMemo {
   orgExists: boolean;
   /**
    * The live user with this id in a live org, whichever org that is; null when the claimed org
@@ -77,8 +82,6 @@ export interface AuthLookup {
    * limits CLI applies to the very next request.
    */
   limitOverrides: OrgLimitOverrides;
-  /** With a user: a fresh memo for as long as this answer is used (see CallerMemo). */
-  memo?: CallerMemo | undefined;
 }
 
 // User ids are unique only within an org; should two orgs ever hold the same id, the claimed
@@ -106,7 +109,7 @@ export function authLookupOf(r: AuthLookupRow | undefined): AuthLookup {
     orgExists,
     user,
     limitOverrides: r ? lookupOverridesFromRow(r) : NO_OVERRIDES,
-    memo: user ? {} : undefined,
+    lease: undefined,
   };
 }
 

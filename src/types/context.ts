@@ -22,11 +22,11 @@ export interface RequestContext {
 }
 
 /**
- * A small object that lives as long as one answer about a caller (made with the lookup's answer,
- * and new whenever the caller is looked up again). Modules that keep state per caller
- * (the rate limiter's lease) leave a reference to it here, so a request finds it together with its
- * caller rather than by a lookup of its own. Whatever is kept here must be checked before use: it
- * is a shortcut, never the record.
+ * What lives as long as one answer about a caller (the cached lookup's answer itself, new whenever
+ * the caller is looked up again). Modules that keep state per caller (the rate limiter's lease)
+ * leave a reference to it here, so a request finds it together with its caller rather than by a
+ * lookup of its own. Whatever is kept here must be checked before use: it is a shortcut, never
+ * the record.
  */
 export interface CallerMemo {
   lease?: object;
