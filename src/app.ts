@@ -144,6 +144,7 @@ export async function buildApp({ config, db, limiter, logger, refusalGate = true
         defaults: config.rateLimit.defaults,
         observe: metrics.observe,
         trustProxy: config.trustProxy,
+        ipLimit: config.rateLimit.ipPerMinute > 0,
         // The access log's line, with the request id a request's own logger would add.
         accessLog: config.accessLog
           ? (requestId, method, url, statusCode, ms) => log.info({ requestId, ...accessLine(method, url, statusCode, ms) }, 'request completed')

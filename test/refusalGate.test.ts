@@ -126,6 +126,17 @@ describe('the refusal gate', () => {
     expect(await through('/v1/me', { 'x-org-id': t.member.orgId })).toBe(400);
   });
 
+  it('leaves the refusal of an address that failed authentication too often to Fastify: it comes first', async () => {
+    const s = await serve(true, { ...ONE_REQUEST, IP_RATE_LIMIT_PER_MINUTE: '3' });
+    const t = await refusedTenant(s);
+    const unknownUser = { 'x-org-id': t.org.id, 'x-user-id': '00000000-0000-4000-8000-000000000000' };
+    for (let i = 0; i < 3; i++) expect((await send(s.port, '/v1/me', unknownUser)).status).toBe(401);
+    await new Promise((r) => setTimeout(r, 50)); // failures are charged after their responses
+    const res = await send(s.port, '/v1/me', t.member.headers);
+    expect(res.status).toBe(429);
+    expect(JSON.parse(res.body).message).toBe('Too many failed requests from this address');
+  });
+
   it('answers for a cached API key of a refused org too', async () => {
     const s = await serve(true);
     const t = await createTenant();
