@@ -99,6 +99,9 @@ describe('the refusal gate', () => {
     const admin = await send(withGate.port, `/v1/users/${a.member.id}`, a.admin.headers);
     expect(admin.status).toBe(429);
     expect(await gateAnswered(withGate)).toBe(2);
+    // A query string does not hide the route.
+    expect((await send(withGate.port, '/v1/me?page=2', a.member.headers)).status).toBe(429);
+    expect(await gateAnswered(withGate)).toBe(3);
     // A caller's own x-request-id is kept, as Fastify keeps it.
     const own = await send(withGate.port, '/v1/me', { ...a.member.headers, 'x-request-id': 'trace-42' });
     expect(own.headers['x-request-id']).toBe('trace-42');
@@ -116,6 +119,8 @@ describe('the refusal gate', () => {
     };
     expect(await through('/v1/me', other.member.headers)).toBe(200);
     expect(await through('/v1/no-such-route', t.member.headers)).toBe(404);
+    expect(await through('/v1/me/', t.member.headers)).toBe(404); // no trailing-slash match, as in Fastify
+    expect(await through('/v1/users/%E0%A4%A', t.member.headers)).toBe(400);
     expect(await through('/health', t.member.headers)).toBe(200);
     expect(await through('/v1/me', t.member.headers, 'HEAD')).toBe(429);
     // Not in the cache yet: authenticated (and refused) by the full path.
