@@ -72,17 +72,6 @@ export function createApiKeyMethod(deps: { db: Database; auth: Authenticator; lo
   );
   const lastUsed = new LastUsedRecorder(db, log, deps.flushIntervalMs);
   lastUsed.start();
-  // The last token hashed: the refusal gate and the authentication hook look at the same
-  // request's token one after the other, and one SHA-256 is then enough.
-  let lastToken = '';
-  let lastHash = '';
-  const hashOf = (token: string): string => {
-    if (token !== lastToken) {
-      lastHash = sha256Hex(token);
-      lastToken = token;
-    }
-    return lastHash;
-  };
 
   const accept = (answer: KeyAnswer, request: FastifyRequest): ResolvedCaller => {
     const { key, resolved } = answer;
@@ -100,14 +89,16 @@ export function createApiKeyMethod(deps: { db: Database; auth: Authenticator; lo
   return {
     resolve(token, request) {
       if (!API_KEY_FORMAT.test(token)) throw invalidToken('Malformed API key');
-      const hash = hashOf(token);
+      const hash = sha256Hex(token);
       const cached = cache.peek('', hash);
       if (cached) return accept(cached, request);
       return cache.lookup('', hash).then((answer) => accept(answer, request));
     },
+    // A request the refusal gate looks at and passes on is hashed again by `resolve`: no raw key
+    // is kept between the two to save that (only their hashes are kept anywhere).
     cached: (token) => {
       if (!API_KEY_FORMAT.test(token)) return undefined;
-      const answer = cache.peek('', hashOf(token));
+      const answer = cache.peek('', sha256Hex(token));
       if (!answer?.resolved || !answer.key || !answer.orgLive) return undefined;
       const now = Date.now();
       if (!isKeyLive(answer.key, now)) return undefined;
