@@ -106,6 +106,7 @@ describe('the refusal gate', () => {
     const own = await send(withGate.port, '/v1/me', { ...a.member.headers, 'x-request-id': 'trace-42' });
     expect(own.headers['x-request-id']).toBe('trace-42');
     expect(JSON.parse(own.body).requestId).toBe('trace-42');
+    expect(Number(own.headers['content-length'])).toBe(Buffer.byteLength(own.body));
   });
 
   it('leaves everything else to Fastify: other orgs, unknown routes, HEAD, uncached or conflicting credentials', async () => {

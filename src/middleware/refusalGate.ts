@@ -1,14 +1,13 @@
 import type { IncomingMessage, ServerResponse } from 'node:http';
 import proxyAddr from '@fastify/proxy-addr';
 import FindMyWay, { type HTTPMethod } from 'find-my-way';
-import { errorBody, type AppError } from '../errors.js';
+import type { AppError } from '../errors.js';
 import { effectiveLimits } from '../models/orgLimits.model.js';
 import { rateLimitPolicy, rateLimitState } from '../ratelimit/headers.js';
 import type { Decision, OrgLimits } from '../ratelimit/types.js';
 import type { Admission, RateLimiter } from '../ratelimit/limiter.js';
 import { refusal } from '../ratelimit/plugin.js';
 import type { CachedCaller } from './authenticate.js';
-import { plainErrorJson } from './errorHandler.js';
 import { genReqId, REQUEST_ID_HEADER } from './requestId.js';
 
 /**
@@ -64,6 +63,9 @@ interface Prepared {
   readonly error: AppError;
   /** Its headers but the request id and the length, as name, value, name, value... */
   readonly headers: readonly string[];
+  /** The body's JSON up to the request id's value (AppError.bodyJsonPrefix), and its size in bytes. */
+  readonly bodyPrefix: string;
+  readonly bodyPrefixBytes: number;
 }
 
 // A flood repeats one remembered decision many times a second: its answer is made once per
@@ -85,12 +87,16 @@ function prepare(limits: OrgLimits, refused: Admission): Prepared {
     if (decision !== null) headers.push('ratelimit', rateLimitState(limits, decision, refused.nowMs, refused.periods));
   }
   headers.push('retry-after', String(refused.retryAfterSeconds), 'content-type', JSON_TYPE);
+  const error = refusal(refused.refusedBy ?? 'org_rate', refused.retryAfterSeconds);
+  const bodyPrefix = error.bodyJsonPrefix();
   const made: Prepared = {
     limits,
     retryAfterSeconds: refused.retryAfterSeconds,
     second,
-    error: refusal(refused.refusedBy ?? 'org_rate', refused.retryAfterSeconds),
+    error,
     headers,
+    bodyPrefix,
+    bodyPrefixBytes: Buffer.byteLength(bodyPrefix),
   };
   if (decision !== null) preparedOf.set(decision, made);
   return made;
@@ -141,10 +147,11 @@ export function createRefusalGate(deps: RefusalGateDeps): RefusalGateHandle {
 
     const answer = prepare(limits, refused);
     const id = genReqId(req);
-    const body = plainErrorJson(answer.error, id) ?? JSON.stringify(errorBody(answer.error, id));
-    // The headers and body of the full path's refusal (the org limit hook's, then sendError's), as
-    // a flat list: Node writes it without walking an object's keys.
-    const headers = [REQUEST_ID_HEADER, id, ...answer.headers, 'content-length', String(Buffer.byteLength(body))];
+    // The body sendError writes (plainErrorJson): genReqId's ids are ASCII that JSON does not
+    // escape, so the id adds its length in bytes. The headers of the full path's refusal (the org
+    // limit hook's, then sendError's), as a flat list: Node writes it without walking an object.
+    const body = `${answer.bodyPrefix}${id}"}`;
+    const headers = [REQUEST_ID_HEADER, id, ...answer.headers, 'content-length', String(answer.bodyPrefixBytes + id.length + 2)];
     res.writeHead(answer.error.statusCode, headers);
     res.end(body);
     limiter.countRefusal(refused.refusedBy ?? 'org_rate');
