@@ -68,8 +68,11 @@ const JSON_PLAIN_ID = /^[A-Za-z0-9._~:-]*$/;
  */
 export function plainErrorJson(err: AppError, requestId: string): string | null {
   if (err.details !== undefined || !JSON_PLAIN_ID.test(requestId)) return null;
-  return `${err.bodyJsonPrefix()}${requestId}"}`;
+  return withRequestId(err.bodyJsonPrefix(), requestId);
 }
+
+/** A plain error body from its prefix (AppError.bodyJsonPrefix) and a request id that needs no escaping. */
+export const withRequestId = (prefix: string, requestId: string): string => `${prefix}${requestId}"}`;
 
 const JSON_TYPE = 'application/json; charset=utf-8';
 

@@ -8,6 +8,7 @@ import type { Decision, OrgLimits } from '../ratelimit/types.js';
 import type { Admission, RateLimiter } from '../ratelimit/limiter.js';
 import { refusal } from '../ratelimit/plugin.js';
 import type { CachedCaller } from './authenticate.js';
+import { withRequestId } from './errorHandler.js';
 import { genReqId, REQUEST_ID_HEADER } from './requestId.js';
 
 /**
@@ -148,10 +149,12 @@ export function createRefusalGate(deps: RefusalGateDeps): RefusalGateHandle {
     const answer = prepare(limits, refused);
     const id = genReqId(req);
     // The body sendError writes (plainErrorJson): genReqId's ids are ASCII that JSON does not
-    // escape, so the id adds its length in bytes. The headers of the full path's refusal (the org
-    // limit hook's, then sendError's), as a flat list: Node writes it without walking an object.
-    const body = `${answer.bodyPrefix}${id}"}`;
-    const headers = [REQUEST_ID_HEADER, id, ...answer.headers, 'content-length', String(answer.bodyPrefixBytes + id.length + 2)];
+    // escape, so all after the prefix is one byte a character. The headers of the full path's
+    // refusal (the org limit hook's, then sendError's), as a flat list: Node writes it without
+    // walking an object.
+    const body = withRequestId(answer.bodyPrefix, id);
+    const bytes = answer.bodyPrefixBytes + body.length - answer.bodyPrefix.length;
+    const headers = [REQUEST_ID_HEADER, id, ...answer.headers, 'content-length', String(bytes)];
     res.writeHead(answer.error.statusCode, headers);
     res.end(body);
     limiter.countRefusal(refused.refusedBy ?? 'org_rate');
