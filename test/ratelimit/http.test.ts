@@ -5,9 +5,14 @@ import type { AddressInfo } from 'node:net';
 import type { FastifyInstance } from 'fastify';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
 import { setOrgLimitOverrides } from '../../src/models/orgLimits.model.js';
-import { buildTestApp, createTenant, type TestUser } from '../helpers/app.js';
+import { buildApp } from '../../src/app.js';
+import { RateLimiter } from '../../src/ratelimit/limiter.js';
+import { createMemoryBackend } from '../../src/ratelimit/memory.js';
+import type { LimiterBackend } from '../../src/ratelimit/types.js';
+import { UsageRecorder } from '../../src/ratelimit/usage.js';
+import { buildTestApp, createTenant, testConfig, type TestUser } from '../helpers/app.js';
 import { insertApiKey } from '../helpers/apiKeys.js';
-import { getTestDb } from '../helpers/db.js';
+import { getTestDb, silentLogger } from '../helpers/db.js';
 
 /**
  * The limits as a client meets them, through HTTP, on the in-memory limiter (the Redis backend
@@ -297,6 +302,54 @@ describe('concurrency', () => {
         timeout: 5_000,
       })
       .toBe(1);
+  });
+});
+
+describe('a client that leaves while its admission waits for the backend', () => {
+  it('frees the slot the answer brings: the request is gone, and nothing else would free it', async () => {
+    const config = testConfig({ ORG_MAX_CONCURRENT_REQUESTS: '50', RATE_LIMIT_LEASE_MAX: '0' });
+    const db = await getTestDb();
+    const inner = createMemoryBackend({ maxKeys: 10_000 });
+    let holdMs = 0;
+    // The memory backend, answering late while holdMs is set: the client leaves meanwhile.
+    const slow: LimiterBackend = {
+      ...inner,
+      acquire: async (req) => {
+        const answer = await inner.acquire(req);
+        if (holdMs > 0) await new Promise((r) => setTimeout(r, holdMs));
+        return answer;
+      },
+    };
+    const limiter = new RateLimiter({
+      primary: slow,
+      createFallback: null,
+      usage: new UsageRecorder(db, silentLogger, 60_000),
+      config: config.rateLimit,
+      logger: silentLogger,
+    });
+    const app = await buildApp({ config, db, limiter, logger: silentLogger });
+    app.addHook('onClose', () => limiter.close());
+    apps.push(app);
+    await app.listen({ host: '127.0.0.1', port: 0 });
+    const port = (app.server.address() as AddressInfo).port;
+    const t = await createTenant();
+    await app.authenticator.sync();
+    expect((await get(app, t.member)).statusCode).toBe(200); // the caller is cached
+
+    holdMs = 150;
+    await new Promise<void>((resolve) => {
+      const socket = net.connect(port, '127.0.0.1', () => {
+        socket.write(`GET /v1/me HTTP/1.1\r\nHost: 127.0.0.1\r\nx-org-id: ${t.member.orgId}\r\nx-user-id: ${t.member.id}\r\n\r\n`);
+        setTimeout(() => {
+          socket.destroy(); // gone while the backend still holds its answer (and its slot)
+          resolve();
+        }, 50);
+      });
+    });
+    await new Promise((r) => setTimeout(r, 300)); // the answer arrives after the client left
+    holdMs = 0;
+    const usage = await get(app, t.admin, '/v1/org/usage');
+    expect(usage.json<{ concurrency: { inFlight: number } }>().concurrency.inFlight).toBe(1); // itself alone
   });
 });
 
