@@ -74,7 +74,8 @@ export function plainErrorJson(err: AppError, requestId: string): string | null 
 /** A plain error body from its prefix (AppError.bodyJsonPrefix) and a request id that needs no escaping. */
 export const withRequestId = (prefix: string, requestId: string): string => `${prefix}${requestId}"}`;
 
-const JSON_TYPE = 'application/json; charset=utf-8';
+/** The content type of every error body (also written by the refusal gate). */
+export const JSON_TYPE = 'application/json; charset=utf-8';
 
 export function sendError(request: FastifyRequest, reply: FastifyReply, err: AppError): FastifyReply {
   if (err.retryAfter !== undefined) void reply.header('retry-after', String(err.retryAfter));

@@ -8,7 +8,7 @@ import type { Decision, OrgLimits } from '../ratelimit/types.js';
 import type { Admission, RateLimiter } from '../ratelimit/limiter.js';
 import { refusal } from '../ratelimit/plugin.js';
 import type { CachedCaller } from './authenticate.js';
-import { withRequestId } from './errorHandler.js';
+import { JSON_TYPE, withRequestId } from './errorHandler.js';
 import { genReqId, REQUEST_ID_HEADER } from './requestId.js';
 
 /**
@@ -52,7 +52,6 @@ export interface RefusalGateRoutes {
   add(method: string | string[], url: string): void;
 }
 
-const JSON_TYPE = 'application/json; charset=utf-8';
 const TRUST_ALL = () => true;
 
 /** What a refusal's answer holds besides the request id, kept while none of it changes. */
