@@ -1,8 +1,12 @@
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
 import { Writable } from 'node:stream';
 import pg from 'pg';
 import pino from 'pino';
 import { afterAll, describe, expect, it } from 'vitest';
 import {
+  createPgliteDatabase,
   createPostgresDatabase,
   DatabaseUnavailableError,
   type Database,
@@ -55,6 +59,28 @@ describe('Database (either implementation)', () => {
     await db.close();
     expect(await db.health(1_000)).toBe(false);
     await expect(db.query('SELECT 1')).rejects.toBeInstanceOf(DatabaseUnavailableError);
+  });
+});
+
+describe('Embedded PGlite', () => {
+  it('creates a new data directory, keeps its data across a restart, and uses the smaller buffer pool', async () => {
+    const dataDir = await mkdtemp(path.join(os.tmpdir(), 'llm-app-pglite-'));
+    try {
+      // Created in a child process: test/server.process.test.ts checks what that saves.
+      let db = await createPgliteDatabase(dataDir);
+      await db.query('CREATE TABLE kept (v text)');
+      await db.query('INSERT INTO kept (v) VALUES ($1)', ['still here']);
+      // The default pool of PostgreSQL is 128MB; the embedded database starts with less.
+      expect((await db.query<{ shared_buffers: string }>('SHOW shared_buffers')).rows).toEqual([{ shared_buffers: '32MB' }]);
+      await db.close();
+
+      db = await createPgliteDatabase(dataDir);
+      expect((await db.query<{ v: string }>('SELECT v FROM kept')).rows).toEqual([{ v: 'still here' }]);
+      expect((await db.query<{ shared_buffers: string }>('SHOW shared_buffers')).rows).toEqual([{ shared_buffers: '32MB' }]);
+      await db.close();
+    } finally {
+      await rm(dataDir, { recursive: true, force: true });
+    }
   });
 });
 
