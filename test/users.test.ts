@@ -293,6 +293,16 @@ describe('GET /v1/users/:id', () => {
     expect(res.json()).toEqual(dtoOf((await userRow(t.owner.id))!));
   });
 
+  it('timestamps read as Date#toISOString writes them: UTC, milliseconds, the microseconds cut off', async () => {
+    const t = await createTenant(db);
+    // PostgreSQL keeps microseconds; the API shows milliseconds, truncated as a Date truncates.
+    await db.query("UPDATE users SET created_at = '2026-01-02 03:04:05.999999+05:30' WHERE id = $1", [t.admin.id]);
+    const res = await call(t.member, 'GET', `/v1/users/${t.admin.id}`);
+    expect(res.statusCode).toBe(200);
+    expect(res.json<UserDto>().createdAt).toBe('2026-01-01T21:34:05.999Z');
+    expect(res.json()).toEqual(dtoOf((await userRow(t.admin.id))!));
+  });
+
   it('an upper-case id finds the same user', async () => {
     const t = await createTenant(db);
     const res = await call(t.member, 'GET', `/v1/users/${t.admin.id.toUpperCase()}`);

@@ -5,6 +5,7 @@ import type { RequestContext, RequestMeta } from '../types/context.js';
 import { appendAuditLog, SYSTEM_ACTOR, userActor } from './audit.model.js';
 import { endSessionsOfUser, isSessionLive } from './session.model.js';
 import { normaliseEmail, toUser, type User, type UserRow } from './user.model.js';
+import { userColumns } from './userColumns.js';
 
 /**
  * Users' passwords (users.password_hash, migration 007): the argon2id hash in PHC form, or null
@@ -12,7 +13,7 @@ import { normaliseEmail, toUser, type User, type UserRow } from './user.model.js
  * this module only reads and writes hashes. A hash never leaves the server.
  */
 
-const U_COLUMNS = 'u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at';
+const U_COLUMNS = userColumns('u');
 
 export interface LoginCandidate {
   orgId: string;

@@ -4,6 +4,7 @@ import type { RequestMeta } from '../types/context.js';
 import { appendAuditLog, type AuditActor } from './audit.model.js';
 import { ORG_LIMITS_SELECT, type OrgLimitOverrides } from './orgLimits.model.js';
 import { authLookupOf, toUser, type AuthLookupRow, type User, type UserRow } from './user.model.js';
+import { userColumns } from './userColumns.js';
 
 /**
  * Sessions (migration 007): one row per refresh token, grouped by session (the family of tokens
@@ -17,7 +18,7 @@ import { authLookupOf, toUser, type AuthLookupRow, type User, type UserRow } fro
  * and the same order everywhere leaves no room for a deadlock.
  */
 
-const U_COLUMNS = 'u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at';
+const U_COLUMNS = userColumns('u');
 const LIVE_ORG = 'EXISTS (SELECT 1 FROM orgs o WHERE o.id = u.org_id AND o.deleted_at IS NULL)';
 
 export interface SessionTokenInput {

@@ -1,4 +1,5 @@
 import { pageCursor, UUID_VALUE } from './cursor.js';
+import { userColumns } from './userColumns.js';
 import { AppError, notFound } from '../errors.js';
 import { queryAsSystem, queryAsTenant, withTenant, type TenantTx } from '../db/tenancy.js';
 import type { Database } from '../infra/database.js';
@@ -34,19 +35,20 @@ export interface UserRow {
   email: string;
   name: string | null;
   role: Role;
-  created_at: Date;
-  updated_at: Date;
+  /** Written by PostgreSQL as the API shows it (userColumns). */
+  created_at: string;
+  updated_at: string;
 }
 
-const COLUMNS = 'id, org_id, email, name, role, created_at, updated_at';
+const COLUMNS = userColumns();
 
 // The driver makes a new string of every value it reads: a User takes the role from these
 // constants instead, one string for all users rather than one each (cached users add up).
 const ROLE_CONSTANTS = new Map<string, Role>(ROLES.map((r) => [r, r]));
 
 export const toUser = (r: UserRow): User => {
-  const createdAt = r.created_at.toISOString();
-  const updatedAt = r.updated_at.toISOString();
+  const createdAt = r.created_at;
+  const updatedAt = r.updated_at;
   return {
     id: r.id,
     orgId: r.org_id,
@@ -126,7 +128,7 @@ export interface EmailAuthLookup extends AuthLookup {
 }
 
 const authByEmailSql = (orgIs: string) => `SELECT o.id AS found_org_id,
-            u.id, u.org_id, u.email, u.name, u.role, u.created_at, u.updated_at, ${ORG_LIMITS_SELECT}
+            ${userColumns('u')}, ${ORG_LIMITS_SELECT}
        FROM orgs o
        LEFT JOIN users u ON u.org_id = o.id AND u.email = $2 AND u.deleted_at IS NULL
        LEFT JOIN org_limits l ON l.org_id = o.id
