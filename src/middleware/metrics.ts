@@ -126,13 +126,14 @@ export function registerMetrics(
   });
   new Counter({
     name: 'rate_limit_lease_events_total',
-    help: 'Leases since start: granted, given back, and requests admitted from one without a backend call',
+    help: 'Leases since start: granted, topped up in place, given back, and requests admitted from one without a backend call',
     labelNames: ['event'] as const,
     registers: [registry],
     collect() {
       const s = limiter.leaseStats;
       this.reset();
       this.inc({ event: 'granted' }, s.granted);
+      this.inc({ event: 'renewed' }, s.renewed);
       this.inc({ event: 'given_back' }, s.refunded);
       this.inc({ event: 'admitted' }, s.admitted);
     },

@@ -6,9 +6,13 @@
  * once for a lease instead: one backend call that charges `tokens` requests' worth to both
  * buckets and both cap counters, and takes `slots` concurrency slots, exactly as that many
  * requests would. The instance then admits that caller's requests from the lease in memory, with
- * no round trip, until the lease is spent; it asks for the next one when half is left, so a
- * steady caller seldom waits for it. A caller's first lease is small (64 requests); each one spent
+ * no round trip, until the lease is spent; it is topped up when half is left, so a steady
+ * caller seldom waits for it. A caller's first lease is small (64 requests); each one spent
  * within a second makes the next twice as big, up to RATE_LIMIT_LEASE_MAX.
+ *
+ * A renewal tops the same lease up: one backend call that charges the tokens it adds and takes the
+ * lease's slots again (which only refreshes them), so a busy caller costs one call per renewal and
+ * holds one set of slots. Only a lease that needs more slots is replaced by a new one.
  *
  * Nothing is admitted that the limits do not allow: a lease is charged before it is used, and a
  * refused lease is simply not granted. What a lease trades is the other direction: until it is
@@ -16,7 +20,8 @@
  * lease is granted only while every limit keeps at least LEASE_HEADROOM times the lease after it
  * (near a limit, every request asks the backend one by one, exactly as without leases), and it is
  * given back (refund: the unused tokens to the buckets and off the counters, the slots freed)
- * once idle for `idleMs`, when the limits or the UTC day change, after `maxAgeMs`, and on close.
+ * once idle for `idleMs`, when the limits or the UTC day change, `maxAgeMs` after its last
+ * charge, and on close.
  *
  * Written here rather than taken from a library: the lease is a charge of the same atomic script
  * the limiter already runs (limit.lua with a larger cost), and its rules follow our limits.
@@ -73,9 +78,10 @@ export interface Lease {
   readonly seq: number;
   /** Slots held (0 when the concurrency cap is off). */
   readonly slots: number;
-  readonly grantedAtMs: number;
-  /** The size this lease was meant to have (its own charge plus what it carried over). */
-  readonly size: number;
+  /** When it was last charged (granted or topped up): its slots were stamped then. */
+  chargedAtMs: number;
+  /** The size its last charge was meant to give it (the charge plus what it still held). */
+  size: number;
   /** Unused tokens. */
   tokens: number;
   inFlight: number;
@@ -85,9 +91,11 @@ export interface Lease {
   /** A request found every slot in use: the next lease takes more. */
   slotsShort: boolean;
   renewing: boolean;
-  /** The user bucket as the lease's charge left it. */
-  readonly userRemaining: number;
-  readonly userResetSeconds: number;
+  /** Given back to the backend: a top-up answered after that gives its own charge back. */
+  givenBack: boolean;
+  /** The user bucket as the lease's last charge left it. */
+  userRemaining: number;
+  userResetSeconds: number;
 }
 
 export interface LeaseSize {
@@ -132,7 +140,7 @@ export interface LeaseTableDeps {
   maxTokens: number;
   /** A lease unused this long is given back. */
   idleMs: number;
-  /** A lease older than this is given back (its slots must not outlive the slot TTL). */
+  /** A lease not charged again for this long is given back (its slots must not outlive the slot TTL). */
   maxAgeMs: number;
   /** Charges a lease: the limiter's own path to the backend (Redis, or the fallback in an outage). */
   acquire: (req: AcquireRequest) => Promise<{ decision: Decision; backend: LimiterBackend }>;
@@ -146,6 +154,8 @@ export interface LeaseStats {
   /** Requests admitted from a lease, without a backend call. */
   admitted: number;
   granted: number;
+  /** Leases topped up in place. */
+  renewed: number;
   refunded: number;
 }
 
@@ -159,7 +169,7 @@ export class LeaseTable {
   private seq = 0;
   private held = 0;
   private closed = false;
-  readonly stats: LeaseStats = { admitted: 0, granted: 0, refunded: 0 };
+  readonly stats: LeaseStats = { admitted: 0, granted: 0, renewed: 0, refunded: 0 };
 
   constructor(private readonly deps: LeaseTableDeps) {
     this.timer = setInterval(() => this.sweep(Date.now()), SWEEP_INTERVAL_MS);
@@ -193,7 +203,7 @@ export class LeaseTable {
       !sameLimits(lease.limits, limits) ||
       lease.day !== periods.day ||
       lease.month !== periods.month ||
-      nowMs - lease.grantedAtMs >= this.deps.maxAgeMs
+      nowMs - lease.chargedAtMs >= this.deps.maxAgeMs
     ) {
       this.retire(lease, nowMs);
       return null;
@@ -291,7 +301,7 @@ export class LeaseTable {
     // A Map's iteration goes on correctly past entries deleted during it (retire() deletes).
     for (const o of this.byOrg.values()) {
       for (const lease of o.users.values()) {
-        if (nowMs - lease.lastUsedMs >= this.deps.idleMs || nowMs - lease.grantedAtMs >= this.deps.maxAgeMs) this.retire(lease, nowMs);
+        if (nowMs - lease.lastUsedMs >= this.deps.idleMs || nowMs - lease.chargedAtMs >= this.deps.maxAgeMs) this.retire(lease, nowMs);
       }
     }
   }
@@ -301,7 +311,7 @@ export class LeaseTable {
   private renew(lease: Lease, limits: OrgLimits, periods: Periods, nowMs: number): void {
     if (lease.renewing || lease.retired || this.closed) return;
     const slots = lease.slots === 0 ? 0 : lease.slotsShort ? Math.min(MAX_LEASE_SLOTS, lease.slots * 2) : lease.slots;
-    const wanted = nowMs - lease.grantedAtMs < FAST_LEASE_MS ? Math.min(this.deps.maxTokens, lease.size * 2) : lease.size;
+    const wanted = nowMs - lease.chargedAtMs < FAST_LEASE_MS ? Math.min(this.deps.maxTokens, lease.size * 2) : lease.size;
     // The backend's last answer decides the next size (what leases hold unused counts as spent).
     const o = lease.org;
     const last = {
@@ -316,7 +326,13 @@ export class LeaseTable {
     lease.renewing = true;
     // Topped up to the size, not added on top: what the lease still holds carries over.
     const cost = Math.max(1, size.tokens - lease.tokens);
-    void this.grant(lease.orgId, lease.userId, limits, size, cost, periods, nowMs, lease).then((granted) => {
+    // The same slots (none when the cap is off): the lease itself is charged again. More slots: a
+    // new lease takes them, and this one's are freed once its requests end.
+    const charged =
+      size.slots === lease.slots || lease.slots === 0
+        ? this.topUp(lease, limits, size, cost, periods, nowMs)
+        : this.grant(lease.orgId, lease.userId, limits, size, cost, periods, nowMs, lease);
+    void charged.then((granted) => {
       lease.renewing = false;
       // Refused (another instance came close to a limit) or failed: this lease ends, and the
       // caller's next requests ask the backend one by one, whose answers decide on a new lease.
@@ -390,7 +406,7 @@ export class LeaseTable {
       month: periods.month,
       seq,
       slots,
-      grantedAtMs: nowMs,
+      chargedAtMs: nowMs,
       size: size.tokens,
       tokens: cost,
       inFlight: 0,
@@ -398,6 +414,7 @@ export class LeaseTable {
       retired: false,
       slotsShort: false,
       renewing: false,
+      givenBack: false,
       userRemaining: d.user.remaining,
       userResetSeconds: d.user.resetSeconds,
     };
@@ -423,6 +440,57 @@ export class LeaseTable {
     return true;
   }
 
+  /**
+   * Charges `lease` again, in place: `cost` more tokens, and its own slots taken again (the
+   * backend counts only slots not held yet, so this stamps them anew). False when refused or
+   * failed; the caller then retires the lease.
+   */
+  private async topUp(lease: Lease, limits: OrgLimits, size: LeaseSize, cost: number, periods: Periods, nowMs: number): Promise<boolean> {
+    const slotId = this.slotIdOf(lease.seq);
+    let answer: { decision: Decision; backend: LimiterBackend };
+    try {
+      answer = await this.deps.acquire({
+        orgId: lease.orgId,
+        userId: lease.userId,
+        limits,
+        cost,
+        nowMs,
+        ...periods,
+        slotId,
+        slots: Math.max(1, lease.slots),
+        slotTtlMs: this.deps.slotTtlMs,
+      });
+    } catch {
+      return false;
+    }
+    const { decision: d, backend } = answer;
+    if (!d.allowed) return false;
+    if (backend !== lease.backend || lease.givenBack) {
+      // Charged elsewhere than the lease (the fallback of an outage), or the lease was given back
+      // while this charge was on its way: the charge goes back where it was made. Its slots too,
+      // unless they are the lease's own on its backend: its give-back, sent after this charge,
+      // freed them.
+      const of = { orgId: lease.orgId, userId: lease.userId, limits, day: periods.day, month: periods.month, seq: lease.seq };
+      this.refund(backend, of, cost, backend === lease.backend ? 0 : Math.max(1, lease.slots), nowMs);
+      return false;
+    }
+    this.stats.renewed++;
+    const o = lease.org;
+    o.orgRemaining = d.org.remaining;
+    o.orgResetSeconds = d.org.resetSeconds;
+    o.dayUsed = d.dayUsed;
+    o.monthUsed = d.monthUsed;
+    o.concurrent = d.concurrent;
+    o.unusedTokens += cost;
+    lease.tokens += cost;
+    lease.size = size.tokens;
+    lease.chargedAtMs = nowMs;
+    lease.userRemaining = d.user.remaining;
+    lease.userResetSeconds = d.user.resetSeconds;
+    lease.slotsShort = false;
+    return true;
+  }
+
   private retire(lease: Lease, nowMs: number): void {
     if (lease.retired) return;
     lease.retired = true;
@@ -443,23 +511,35 @@ export class LeaseTable {
     const o = lease.org;
     const tokens = lease.tokens;
     lease.tokens = 0;
+    lease.givenBack = true;
     o.unusedTokens -= tokens;
     o.unusedSlots -= lease.slots - lease.inFlight;
     o.leases--;
     if (o.leases === 0 && this.byOrg.get(lease.orgId) === o) this.byOrg.delete(lease.orgId);
-    if (tokens === 0 && lease.slots === 0) return;
+    this.refund(lease.backend, lease, tokens, lease.slots, nowMs);
+  }
+
+  /** Gives `tokens` and `slots` charged for the lease `of` back to `backend`; close() waits for it. */
+  private refund(
+    backend: LimiterBackend,
+    of: Pick<Lease, 'orgId' | 'userId' | 'limits' | 'day' | 'month' | 'seq'>,
+    tokens: number,
+    slots: number,
+    nowMs: number,
+  ): void {
+    if (tokens === 0 && slots === 0) return;
     this.stats.refunded++;
-    const refund = lease.backend
+    const refund = backend
       .refund({
-        orgId: lease.orgId,
-        userId: lease.userId,
-        limits: lease.limits,
+        orgId: of.orgId,
+        userId: of.userId,
+        limits: of.limits,
         tokens,
         nowMs,
-        day: lease.day,
-        month: lease.month,
-        slotId: this.slotIdOf(lease.seq),
-        slots: lease.slots,
+        day: of.day,
+        month: of.month,
+        slotId: this.slotIdOf(of.seq),
+        slots,
       })
       // Redis unreachable: the tokens stay charged (never admitted more than the limits), and
       // the slots expire after the slot TTL, as a crashed instance's do.

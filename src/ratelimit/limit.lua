@@ -15,7 +15,8 @@ ARGV (numbers as decimal strings):
   8 monthlyCap  9 maxConcurrent  10 slotId  11 slotTtlMs  12 hasSeed (1|0)  13 seedDay
   14 seedMonth  15 dayEndsMs  16 monthEndsMs  17 dayTtlSeconds  18 monthTtlSeconds
   19 bucketTtlMarginSeconds  20 maxBucketTtlSeconds  21 slots (concurrency slots to take: 1 takes the
-  slot slotId; n > 1, a lease, takes the n slots slotId#1 ... slotId#n)
+  slot slotId; n > 1, a lease, takes the n slots slotId#1 ... slotId#n; slots of these ids held
+  already are stamped anew and not counted again)
 
 The clock is the caller's (ARGV[1]), never Redis TIME: every backend answers from the same time.
 
@@ -114,12 +115,22 @@ end
 
 local concurrencyIsOn = maxConcurrent > 0
 local held = 0
-local alreadyHeld = false
+-- Slots this take adds: those of its id held already (a lease topped up, a retried request) are
+-- only stamped anew.
+local adds = slots
 if concurrencyIsOn then
   -- Slots older than the TTL belong to requests whose instance died: free them.
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. fmt(now - slotTtl))
   held = redis.call('ZCARD', KEYS[5])
-  if slots == 1 then alreadyHeld = redis.call('ZSCORE', KEYS[5], slotId) ~= false end
+  if held > 0 then
+    if slots == 1 then
+      if redis.call('ZSCORE', KEYS[5], slotId) ~= false then adds = 0 end
+    else
+      for i = 1, slots do
+        if redis.call('ZSCORE', KEYS[5], slotId .. '#' .. i) ~= false then adds = adds - 1 end
+      end
+    end
+  end
 end
 
 local function reply(allowed, refusal, wait, needsSeed)
@@ -161,7 +172,7 @@ if orgIsOn and orgTokens < cost then refuse(1, bucketWait(orgTokens, orgBurst, o
 if userIsOn and userTokens < cost then refuse(2, bucketWait(userTokens, userBurst, userRate)) end
 if dayIsOn and dayUsed + cost > dailyCap then refuse(3, secondsUntil(dayEnds)) end
 if monthIsOn and monthUsed + cost > monthlyCap then refuse(4, secondsUntil(monthEnds)) end
-if concurrencyIsOn and not alreadyHeld and held + slots > maxConcurrent then refuse(5, 1) end
+if concurrencyIsOn and adds > 0 and held + adds > maxConcurrent then refuse(5, 1) end
 if refusal ~= 0 then return reply(0, refusal, wait, 0) end
 
 -- 4. Charge everything.
@@ -178,7 +189,7 @@ if monthIsOn then monthUsed = redis.call('INCRBY', KEYS[4], cost) end
 if concurrencyIsOn then
   if slots == 1 then
     redis.call('ZADD', KEYS[5], fmt(now), slotId)
-    if not alreadyHeld then held = held + 1 end
+    held = held + adds
   else
     local args = {}
     for i = 1, slots do

@@ -153,7 +153,8 @@ export class RateLimiter {
         ? new LeaseTable({
             maxTokens: leaseMax,
             idleMs: leaseIdleMs,
-            // Leased slots are stamped when granted: renewed well before the slot TTL would purge them.
+            // Leased slots are stamped when charged (granted or topped up): a lease not charged
+            // again for this long is given back, well before the slot TTL would purge its slots.
             maxAgeMs: Math.min(300_000, Math.floor(slotTtlMs / 2)),
             slotTtlMs,
             instance: this.instance,
@@ -163,10 +164,16 @@ export class RateLimiter {
         : null;
   }
 
-  /** Requests admitted from leases, leases granted and given back (for tests and metrics). */
-  get leaseStats(): { admitted: number; granted: number; refunded: number; held: number } {
+  /** Requests admitted from leases, leases granted, topped up and given back (for tests and metrics). */
+  get leaseStats(): { admitted: number; granted: number; renewed: number; refunded: number; held: number } {
     const s = this.leases?.stats;
-    return { admitted: s?.admitted ?? 0, granted: s?.granted ?? 0, refunded: s?.refunded ?? 0, held: this.leases?.size ?? 0 };
+    return {
+      admitted: s?.admitted ?? 0,
+      granted: s?.granted ?? 0,
+      renewed: s?.renewed ?? 0,
+      refunded: s?.refunded ?? 0,
+      held: this.leases?.size ?? 0,
+    };
   }
 
   /** Gives back the leases idle for RATE_LIMIT_LEASE_IDLE_MS at `nowMs` (runs every second by itself). */

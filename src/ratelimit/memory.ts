@@ -310,7 +310,13 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
     }
     let held = slotsEntry?.slots.size ?? 0;
     const slots = req.slots ?? 1;
-    const alreadyHeld = slots === 1 && (slotsEntry?.slots.has(req.slotId) ?? false);
+    // Slots this take adds: those of its id held already (a lease topped up, a retried request)
+    // are only stamped anew.
+    let adds = slots;
+    if (slotsEntry !== undefined) {
+      if (slots === 1) adds = slotsEntry.slots.has(req.slotId) ? 0 : 1;
+      else for (const id of slotIds(req.slotId, slots)) if (slotsEntry.slots.has(id)) adds--;
+    }
 
     const state = (allowed: boolean, refusedBy: Refusal | undefined, retryAfterSeconds: number, needsSeed: boolean): Decision => ({
       allowed,
@@ -360,7 +366,7 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
     if (monthEntry !== undefined && monthEntry.value + cost > limits.monthlyCap) {
       refuse('monthly_cap', secondsUntil(req.monthEndsMs, nowMs));
     }
-    if (concurrencyOn && !alreadyHeld && held + slots > limits.maxConcurrent) refuse('concurrency', 1);
+    if (concurrencyOn && adds > 0 && held + adds > limits.maxConcurrent) refuse('concurrency', 1);
     if (refusedBy !== undefined) return state(false, refusedBy, retryAfter, false);
 
     // 4. Charge everything.

@@ -368,6 +368,26 @@ function contract(subject: () => Subject): void {
       expect((await acquire(org, 'u1', lim, T0, { slotId: 'L4', slots: 1 })).concurrent).toBe(3);
     });
 
+    it('a take of slots its id already holds (a lease topped up) counts them once and stamps them anew', async () => {
+      const org = subject().org();
+      const lim = limits({ maxConcurrent: 3 });
+      const ttl = { slotTtlMs: 10_000 };
+      expect((await acquire(org, 'u1', lim, T0, { slotId: 'L', slots: 2, ...ttl })).concurrent).toBe(2);
+      // Again, near the cap: admitted, and still 2 in flight (3 would be one too many with 2 more).
+      const again = await acquire(org, 'u1', lim, T0 + 9_000, { slotId: 'L', slots: 2, ...ttl });
+      expect([again.allowed, again.concurrent]).toEqual([true, 2]);
+      // Another id needs 2 more: refused. One more slot fits.
+      expect((await acquire(org, 'u1', lim, T0 + 9_000, { slotId: 'M', slots: 2, ...ttl })).refusedBy).toBe('concurrency');
+      expect((await acquire(org, 'u1', lim, T0 + 9_000, { slotId: 'one', ...ttl })).concurrent).toBe(3);
+      // Stamped at T0 + 9 s: past the first take's TTL the lease's slots are still held.
+      const later = await acquire(org, 'u1', lim, T0 + 15_000, { slotId: 'x', ...ttl });
+      expect([later.allowed, later.concurrent]).toEqual([false, 3]);
+      // A take of more slots than the id holds counts only the new one.
+      await subject().a.release(org, 'one');
+      const grown = await acquire(org, 'u1', lim, T0 + 15_000, { slotId: 'L', slots: 3, ...ttl });
+      expect([grown.allowed, grown.concurrent]).toEqual([true, 3]);
+    });
+
     it('gives unused tokens back to both buckets, never above the burst, and takes them off both counters, never below 0', async () => {
       const org = subject().org();
       const lim = limits({ orgBurst: 100, orgPerSecond: 1, userBurst: 50, userPerSecond: 1, dailyCap: 1_000, monthlyCap: 5_000 });

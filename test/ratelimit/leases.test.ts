@@ -28,8 +28,8 @@ afterAll(async () => {
   await Promise.all(clients.splice(0).map((c) => c.quit()));
 });
 
-/** A backend that counts the acquire calls reaching it. */
-function counting(inner: LimiterBackend): LimiterBackend & { acquires: number } {
+/** A backend that counts the acquire and refund calls reaching it. */
+function counting(inner: LimiterBackend): LimiterBackend & { acquires: number; refunds: number } {
   const backend = {
     kind: inner.kind,
     acquires: 0,
@@ -38,7 +38,11 @@ function counting(inner: LimiterBackend): LimiterBackend & { acquires: number } 
       return inner.acquire(req);
     },
     release: (orgId: string, slotId: string) => inner.release(orgId, slotId),
-    refund: (req: Parameters<LimiterBackend['refund']>[0]) => inner.refund(req),
+    refunds: 0,
+    refund(req: Parameters<LimiterBackend['refund']>[0]) {
+      backend.refunds++;
+      return inner.refund(req);
+    },
     close: () => Promise.resolve(),
   };
   return backend;
@@ -67,7 +71,7 @@ const FAR: OrgLimits = limits({
 
 interface Shared {
   /** Two backends over the same state (two instances), each counting its calls. */
-  backends(): [LimiterBackend & { acquires: number }, LimiterBackend & { acquires: number }];
+  backends(): [LimiterBackend & { acquires: number; refunds: number }, LimiterBackend & { acquires: number; refunds: number }];
   /** What the state holds for an org now: one request admitted and given back, to read it. */
   read(orgId: string, lim: OrgLimits): Promise<{ orgRemaining: number; dayUsed: number; concurrent: number }>;
 }
@@ -141,7 +145,7 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     next.release();
   });
 
-  it("a caller's memo leads to its lease; renewed, it leads to the new one; another caller's lease in it is not used", async () => {
+  it("a caller's memo leads to its lease; topped up, the lease is the same; another caller's lease in it is not used", async () => {
     const [backend] = shared().backends();
     const limiter = await limiterOn(backend);
     const org = randomUUID();
@@ -153,22 +157,85 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     const first = memo.lease as { tokens: number; retired: boolean } | undefined;
     expect(first).toBeDefined();
     expect(first!.retired).toBe(false);
-    // Spent down to half: renewed in the background; the memo then leads to the successor.
+    // Spent down to half: topped up in the background; the memo still leads to it.
     for (let i = 0; i < 40; i++) (await admit('u1', memo)).release();
     await settle();
     (await admit('u1', memo)).release();
-    expect(first!.retired).toBe(true);
-    const second = memo.lease as { tokens: number; retired: boolean };
-    expect(second).not.toBe(first);
-    expect(second.retired).toBe(false);
+    expect(limiter.leaseStats.renewed).toBeGreaterThan(0);
+    expect(memo.lease).toBe(first);
+    expect(first!.retired).toBe(false);
+    expect(first!.tokens).toBeGreaterThan(32);
     // u1's memo handed with another caller's request: u2 has no lease, so it asks the backend,
     // and u1's lease is not charged for it.
-    const tokens = second.tokens;
+    const tokens = first!.tokens;
     const acquires = backend.acquires;
     (await admit('u2', memo)).release();
     expect(backend.acquires).toBeGreaterThan(acquires); // (and maybe u2's own first lease)
-    expect(second.tokens).toBe(tokens);
-    expect(memo.lease).toBe(second);
+    expect(first!.tokens).toBe(tokens);
+    expect(memo.lease).toBe(first);
+  });
+
+  it('a busy caller keeps one lease: each renewal is one backend call, gives nothing back, and holds the same slots', async () => {
+    const state = shared();
+    const [backend] = state.backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    for (let i = 0; i < 400; i++) {
+      (await acquire(limiter, org, 'u1', FAR)).release();
+      if (i % 10 === 0) await settle();
+    }
+    await settle();
+    const { granted, renewed, refunded } = limiter.leaseStats;
+    expect(granted).toBe(1);
+    expect(renewed).toBeGreaterThan(5);
+    // Requests that found the lease spent before its top-up asked one by one; nothing else did.
+    expect(backend.acquires).toBeLessThanOrEqual(1 + granted + renewed + 10);
+    expect(refunded).toBe(0);
+    expect(backend.refunds).toBe(0);
+    // One lease, nothing in flight: the backend holds its 2 slots, stamped again by each top-up.
+    expect((await state.read(org, FAR)).concurrent).toBe(2);
+    await limiter.close();
+    const after = await state.read(org, FAR);
+    expect([after.dayUsed, after.concurrent]).toEqual([400, 0]);
+  });
+
+  it('a top-up answered after its lease was given back gives its own charge back', async () => {
+    const state = shared();
+    const [inner] = state.backends();
+    // Holds the answer of the next acquire once asked to, until let go.
+    let holdNext = false;
+    let letGo: () => void = () => undefined;
+    const held: LimiterBackend & { acquires: number; refunds: number } = {
+      ...inner,
+      acquire: async (req) => {
+        if (!holdNext) return inner.acquire(req);
+        holdNext = false;
+        const answer = await inner.acquire(req);
+        await new Promise<void>((resolve) => (letGo = resolve));
+        return answer;
+      },
+    };
+    const limiter = await limiterOn(held);
+    const org = randomUUID();
+    (await acquire(limiter, org, 'u1', FAR)).release(); // one by one; the first lease (64) follows
+    await settle();
+    expect(limiter.leaseStats.granted).toBe(1);
+    holdNext = true;
+    // 33 from the lease: 31 left, under half, so its top-up is asked for (and held).
+    for (let i = 0; i < 33; i++) (await acquire(limiter, org, 'u1', FAR)).release();
+    await settle();
+    expect(holdNext).toBe(false);
+    // New limits retire the lease; nothing of it is in flight, so it is given back at once.
+    const other = { ...FAR, maxConcurrent: 99_999 };
+    (await acquire(limiter, org, 'u1', other)).release();
+    await settle();
+    expect(limiter.leaseStats.refunded).toBe(1);
+    letGo();
+    await settle();
+    expect(limiter.leaseStats.renewed).toBe(0);
+    await limiter.close();
+    // Exactly the 35 admitted requests: the top-up's tokens went back too.
+    expect((await state.read(org, FAR)).dayUsed).toBe(35);
   });
 
   it('near a limit, every request asks the backend: no lease with the default limits (a user bucket of 50)', async () => {
