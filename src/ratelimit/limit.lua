@@ -122,13 +122,12 @@ if concurrencyIsOn then
   -- Slots older than the TTL belong to requests whose instance died: free them.
   redis.call('ZREMRANGEBYSCORE', KEYS[5], '-inf', '(' .. fmt(now - slotTtl))
   held = redis.call('ZCARD', KEYS[5])
-  if held > 0 then
-    if slots == 1 then
-      if redis.call('ZSCORE', KEYS[5], slotId) ~= false then adds = 0 end
-    else
-      for i = 1, slots do
-        if redis.call('ZSCORE', KEYS[5], slotId .. '#' .. i) ~= false then adds = adds - 1 end
-      end
+  if slots == 1 then
+    if held > 0 and redis.call('ZSCORE', KEYS[5], slotId) ~= false then adds = 0 end
+  elseif held + slots > maxConcurrent then
+    -- Only where it can decide: counting a lease's slots is a lookup per slot.
+    for i = 1, slots do
+      if redis.call('ZSCORE', KEYS[5], slotId .. '#' .. i) ~= false then adds = adds - 1 end
     end
   end
 end
@@ -192,8 +191,9 @@ if concurrencyIsOn then
     held = held + adds
   else
     local args = {}
+    local stamp = fmt(now)
     for i = 1, slots do
-      args[#args + 1] = fmt(now)
+      args[#args + 1] = stamp
       args[#args + 1] = slotId .. '#' .. i
     end
     held = held + redis.call('ZADD', KEYS[5], unpack(args))

@@ -315,7 +315,7 @@ export function createMemoryBackend(opts: { maxKeys: number }): MemoryBackend {
     let adds = slots;
     if (slotsEntry !== undefined) {
       if (slots === 1) adds = slotsEntry.slots.has(req.slotId) ? 0 : 1;
-      else for (const id of slotIds(req.slotId, slots)) if (slotsEntry.slots.has(id)) adds--;
+      else if (held + slots > limits.maxConcurrent) for (const id of slotIds(req.slotId, slots)) if (slotsEntry.slots.has(id)) adds--;
     }
 
     const state = (allowed: boolean, refusedBy: Refusal | undefined, retryAfterSeconds: number, needsSeed: boolean): Decision => ({
