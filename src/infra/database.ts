@@ -447,7 +447,8 @@ const pgliteStartParams = (defaults: readonly string[]): string[] => [...default
 /**
  * Creates a new data directory in a child process. PGlite's initdb runs in WebAssembly instances
  * of its own whose memory (over 600 MB) the process keeps once they are done; in a child it is
- * returned to the system when the child exits. Costs about half a second, on the first start only.
+ * returned to the system when the child exits. Costs the child's start (about a second on a
+ * 2-core machine), on the first start only.
  */
 async function initPgliteDataDir(dir: string, startParams: readonly string[]): Promise<void> {
   // The package's CommonJS entry, so that the child needs no loader whatever runs this module.
