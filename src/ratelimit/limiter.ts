@@ -291,7 +291,7 @@ export class RateLimiter {
     this.stats.allowed++;
     this.deps.usage.record(args.orgId, periods.day, periods.month, cost);
     // Leases only from the shared backend: the fallback's limits are shares, decided one by one.
-    if (backend === this.deps.primary) this.leases?.consider(args.orgId, args.userId, args.limits, decision, periods, nowMs);
+    if (backend === this.deps.primary) this.leases?.consider(args.orgId, args.userId, args.limits, decision, periods, nowMs, args.memo ?? null);
     let released = args.limits.maxConcurrent === 0;
     return {
       allowed: true,

@@ -145,7 +145,7 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     next.release();
   });
 
-  it("a caller's memo leads to its lease; topped up, the lease is the same; another caller's lease in it is not used", async () => {
+  it("a caller's memo holds its lease from the grant; topped up, the lease is the same; another caller's lease in it is not used", async () => {
     const [backend] = shared().backends();
     const limiter = await limiterOn(backend);
     const org = randomUUID();
@@ -153,10 +153,12 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     const admit = (userId: string, m: CallerMemo) => limiter.acquireOrg({ orgId: org, userId, limits: FAR, nowMs: T0, memo: m });
     (await admit('u1', memo)).release(); // one by one; a lease is asked for in the background
     await settle();
-    (await admit('u1', memo)).release();
+    // In the memo from its grant: the caller's next request looks nothing up in the table.
     const first = memo.lease as { tokens: number; retired: boolean } | undefined;
     expect(first).toBeDefined();
     expect(first!.retired).toBe(false);
+    (await admit('u1', memo)).release();
+    expect(memo.lease).toBe(first);
     // Spent down to half: topped up in the background; the memo still leads to it.
     for (let i = 0; i < 40; i++) (await admit('u1', memo)).release();
     await settle();
