@@ -66,9 +66,40 @@ interface OrgLeases {
   dayUsed: number;
   monthUsed: number;
   concurrent: number;
+  /**
+   * Slots this instance has freed for the org since this record was made (requests decided one
+   * by one that ended, leases given back), and that count when the call of the last answer went
+   * out. The backend runs one connection's commands in order: slots freed after that call are
+   * still in the answer's `concurrent`, and are taken off what is reported.
+   */
+  freed: number;
+  freedAtAnswer: number;
   /** Where the limiter counts the org's leased requests (kept here: a leased request looks up nothing else). */
   usage: UsageTally | null;
 }
+
+/**
+ * Taken just before a backend call about an org goes out: which of the org's slots this instance
+ * had freed by then (see OrgLeases.freed).
+ */
+export interface FreedMark {
+  readonly org: OrgLeases | undefined;
+  readonly freed: number;
+}
+
+/** Keeps `d` as the org's latest answer, from a call that went out at `mark`. */
+function setLastAnswer(o: OrgLeases, d: Decision, mark: FreedMark): void {
+  o.orgRemaining = d.org.remaining;
+  o.orgResetSeconds = d.org.resetSeconds;
+  o.dayUsed = d.dayUsed;
+  o.monthUsed = d.monthUsed;
+  o.concurrent = d.concurrent;
+  // A record made after the call went out counts only slots freed after it.
+  o.freedAtAnswer = mark.org === o ? mark.freed : 0;
+}
+
+/** The org's requests in flight as the backend last saw them, less the slots freed here since. */
+const concurrentNow = (o: OrgLeases): number => Math.max(0, o.concurrent - (o.freed - o.freedAtAnswer));
 
 export interface Lease {
   readonly org: OrgLeases;
@@ -146,8 +177,11 @@ export interface LeaseTableDeps {
   idleMs: number;
   /** A lease not charged again for this long is given back (its slots must not outlive the slot TTL). */
   maxAgeMs: number;
-  /** Charges a lease: the limiter's own path to the backend (Redis, or the fallback in an outage). */
-  acquire: (req: AcquireRequest) => Promise<{ decision: Decision; backend: LimiterBackend }>;
+  /**
+   * Charges a lease: the limiter's own path to the backend (Redis, or the fallback in an outage).
+   * `beforeCall` runs just before each call to the shared backend.
+   */
+  acquire: (req: AcquireRequest, beforeCall?: () => void) => Promise<{ decision: Decision; backend: LimiterBackend }>;
   /** Whether a lease charged on this backend may be used: the shared one only, not an outage's fallback. */
   leasable: (backend: LimiterBackend) => boolean;
   slotTtlMs: number;
@@ -249,23 +283,20 @@ export class LeaseTable {
       user: { remaining: lease.userRemaining + lease.tokens, resetSeconds: lease.userResetSeconds },
       dayUsed: o.dayUsed - o.unusedTokens,
       monthUsed: o.monthUsed - o.unusedTokens,
-      concurrent: o.concurrent - o.unusedSlots,
+      concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),
     };
   }
 
   /**
    * The same for a request the backend decided (`d`): the backend's numbers count what this
    * instance's leases of the org hold unused as spent; they are counted back in. Also keeps `d`
-   * as the org's latest answer. Returns `d` itself when the org has no lease here.
+   * as the org's latest answer (its call went out at `mark`). Returns `d` itself when the org has
+   * no lease here.
    */
-  reportedDecision(orgId: string, userId: string, d: Decision): Decision {
+  reportedDecision(orgId: string, userId: string, d: Decision, mark: FreedMark): Decision {
     const o = this.byOrg.get(orgId);
     if (o === undefined) return d;
-    o.orgRemaining = d.org.remaining;
-    o.orgResetSeconds = d.org.resetSeconds;
-    o.dayUsed = d.dayUsed;
-    o.monthUsed = d.monthUsed;
-    o.concurrent = d.concurrent;
+    setLastAnswer(o, d, mark);
     const own = o.users.get(userId)?.tokens ?? 0;
     return {
       ...d,
@@ -273,8 +304,20 @@ export class LeaseTable {
       user: { remaining: d.user.remaining + own, resetSeconds: d.user.resetSeconds },
       dayUsed: d.dayUsed - o.unusedTokens,
       monthUsed: d.monthUsed - o.unusedTokens,
-      concurrent: d.concurrent - o.unusedSlots,
+      concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),
     };
+  }
+
+  /** Taken just before a backend call about `orgId` goes out (reportedDecision needs it). */
+  mark(orgId: string): FreedMark {
+    const org = this.byOrg.get(orgId);
+    return { org, freed: org?.freed ?? 0 };
+  }
+
+  /** This instance freed one slot of `orgId` on the backend (a request decided one by one ended). */
+  slotFreed(orgId: string): void {
+    const o = this.byOrg.get(orgId);
+    if (o !== undefined) o.freed++;
   }
 
   /**
@@ -328,7 +371,7 @@ export class LeaseTable {
       user: { remaining: lease.userRemaining, resetSeconds: lease.userResetSeconds },
       dayUsed: o.dayUsed,
       monthUsed: o.monthUsed,
-      concurrent: o.concurrent,
+      concurrent: concurrentNow(o),
     };
     const size = leaseSize(limits, last, wanted, Math.max(1, slots));
     if (size === null) return; // near a limit now: the caller goes one by one once this lease is spent
@@ -367,19 +410,13 @@ export class LeaseTable {
     const seq = ++this.seq;
     const slotId = this.slotIdOf(seq);
     const slots = limits.maxConcurrent > 0 ? Math.max(1, size.slots) : 0;
+    let mark = this.mark(orgId);
     let answer: { decision: Decision; backend: LimiterBackend };
     try {
-      answer = await this.deps.acquire({
-        orgId,
-        userId,
-        limits,
-        cost,
-        nowMs,
-        ...periods,
-        slotId,
-        slots: Math.max(1, slots),
-        slotTtlMs: this.deps.slotTtlMs,
-      });
+      answer = await this.deps.acquire(
+        { orgId, userId, limits, cost, nowMs, ...periods, slotId, slots: Math.max(1, slots), slotTtlMs: this.deps.slotTtlMs },
+        () => (mark = this.mark(orgId)),
+      );
     } catch {
       return false; // the backend failed: requests go one by one, which handles the outage
     }
@@ -398,15 +435,13 @@ export class LeaseTable {
         dayUsed: 0,
         monthUsed: 0,
         concurrent: 0,
+        freed: 0,
+        freedAtAnswer: 0,
         usage: null,
       };
       this.byOrg.set(orgId, o);
     }
-    o.orgRemaining = d.org.remaining;
-    o.orgResetSeconds = d.org.resetSeconds;
-    o.dayUsed = d.dayUsed;
-    o.monthUsed = d.monthUsed;
-    o.concurrent = d.concurrent;
+    setLastAnswer(o, d, mark);
     o.leases++;
     o.unusedTokens += cost;
     o.unusedSlots += slots;
@@ -461,19 +496,23 @@ export class LeaseTable {
    */
   private async topUp(lease: Lease, limits: OrgLimits, size: LeaseSize, cost: number, periods: Periods, nowMs: number): Promise<boolean> {
     const slotId = this.slotIdOf(lease.seq);
+    let mark = this.mark(lease.orgId);
     let answer: { decision: Decision; backend: LimiterBackend };
     try {
-      answer = await this.deps.acquire({
-        orgId: lease.orgId,
-        userId: lease.userId,
-        limits,
-        cost,
-        nowMs,
-        ...periods,
-        slotId,
-        slots: Math.max(1, lease.slots),
-        slotTtlMs: this.deps.slotTtlMs,
-      });
+      answer = await this.deps.acquire(
+        {
+          orgId: lease.orgId,
+          userId: lease.userId,
+          limits,
+          cost,
+          nowMs,
+          ...periods,
+          slotId,
+          slots: Math.max(1, lease.slots),
+          slotTtlMs: this.deps.slotTtlMs,
+        },
+        () => (mark = this.mark(lease.orgId)),
+      );
     } catch {
       return false;
     }
@@ -490,11 +529,7 @@ export class LeaseTable {
     }
     this.stats.renewed++;
     const o = lease.org;
-    o.orgRemaining = d.org.remaining;
-    o.orgResetSeconds = d.org.resetSeconds;
-    o.dayUsed = d.dayUsed;
-    o.monthUsed = d.monthUsed;
-    o.concurrent = d.concurrent;
+    setLastAnswer(o, d, mark);
     o.unusedTokens += cost;
     lease.tokens += cost;
     lease.size = size.tokens;
@@ -528,6 +563,7 @@ export class LeaseTable {
     lease.givenBack = true;
     o.unusedTokens -= tokens;
     o.unusedSlots -= lease.slots - lease.inFlight;
+    o.freed += lease.slots;
     o.leases--;
     if (o.leases === 0 && this.byOrg.get(lease.orgId) === o) this.byOrg.delete(lease.orgId);
     this.refund(lease.backend, lease, tokens, lease.slots, nowMs);

@@ -2,7 +2,7 @@ import { randomUUID } from 'node:crypto';
 import type { Logger } from 'pino';
 import type { CallerMemo } from '../types/context.js';
 import type { RateLimitConfig } from '../config/env.js';
-import { LeaseTable, type Lease } from './leases.js';
+import { LeaseTable, type FreedMark, type Lease } from './leases.js';
 import { utcPeriods, type Periods } from './periods.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits, Refusal } from './types.js';
 import type { UsageRecorder } from './usage.js';
@@ -158,7 +158,7 @@ export class RateLimiter {
             maxAgeMs: Math.min(300_000, Math.floor(slotTtlMs / 2)),
             slotTtlMs,
             instance: this.instance,
-            acquire: (req) => this.decide(req.orgId, req),
+            acquire: (req, beforeCall) => this.decide(req.orgId, req, beforeCall),
             leasable: (backend) => backend === deps.primary,
           })
         : null;
@@ -264,21 +264,28 @@ export class RateLimiter {
     probed: string | null,
   ): Promise<Admission> {
     const slotId = `${this.instance}:${++this.slotSeq}`;
-    const { decision, backend } = await this.decide(args.orgId, {
-      orgId: args.orgId,
-      userId: args.userId,
-      limits: args.limits,
-      cost,
-      nowMs,
-      ...periods,
-      slotId,
-      slotTtlMs: this.deps.config.slotTtlMs,
-    });
+    // Which of the org's slots this instance had freed when the call went out (leases.ts, OrgLeases.freed).
+    const leases = this.leases;
+    let mark: FreedMark | null = null;
+    const { decision, backend } = await this.decide(
+      args.orgId,
+      {
+        orgId: args.orgId,
+        userId: args.userId,
+        limits: args.limits,
+        cost,
+        nowMs,
+        ...periods,
+        slotId,
+        slotTtlMs: this.deps.config.slotTtlMs,
+      },
+      leases ? () => (mark = leases.mark(args.orgId)) : undefined,
+    );
     this.rememberUsage(args.orgId, periods, decision, backend);
     // The probe is answered: the block it stood for ends here, or is replaced just below.
     if (probed !== null) this.blocked.delete(probed);
     // What the request reports: with what this instance's leases hold unused counted back in.
-    const reported = backend === this.deps.primary && this.leases ? this.leases.reportedDecision(args.orgId, args.userId, decision) : decision;
+    const reported = backend === this.deps.primary && leases && mark ? leases.reportedDecision(args.orgId, args.userId, decision, mark) : decision;
     if (!decision.allowed) {
       const refusedBy = decision.refusedBy ?? 'org_rate';
       this.stats.refused[refusedBy]++;
@@ -304,6 +311,7 @@ export class RateLimiter {
         released = true;
         // A slot that cannot be freed (Redis down) expires after slotTtlMs.
         backend.release(args.orgId, slotId).catch(() => undefined);
+        if (backend === this.deps.primary) this.leases?.slotFreed(args.orgId);
       },
     };
   }
@@ -401,10 +409,15 @@ export class RateLimiter {
     };
   }
 
-  private async decide(partition: string, req: AcquireRequest): Promise<{ decision: Decision; backend: LimiterBackend }> {
+  /** `beforeCall` runs just before each call to the shared backend (a seed makes it two). */
+  private async decide(
+    partition: string,
+    req: AcquireRequest,
+    beforeCall?: () => void,
+  ): Promise<{ decision: Decision; backend: LimiterBackend }> {
     if (!this.degraded || !this.fallback) {
       try {
-        return { decision: await this.withSeed(this.deps.primary, partition, req, false), backend: this.deps.primary };
+        return { decision: await this.withSeed(this.deps.primary, partition, req, false, beforeCall), backend: this.deps.primary };
       } catch (err) {
         if (!this.deps.createFallback) throw err;
         this.enterDegraded(err);
@@ -416,12 +429,20 @@ export class RateLimiter {
   }
 
   /** acquire(); when the cap counters are missing, load the usage and acquire again with it. */
-  private async withSeed(backend: LimiterBackend, partition: string, req: AcquireRequest, isFallback: boolean): Promise<Decision> {
+  private async withSeed(
+    backend: LimiterBackend,
+    partition: string,
+    req: AcquireRequest,
+    isFallback: boolean,
+    beforeCall?: () => void,
+  ): Promise<Decision> {
+    beforeCall?.();
     const first = await backend.acquire(req);
     if (!first.needsSeed) return first;
     const seed = await this.seedFor(partition, req);
     if (isFallback) this.fallbackBase.set(partition, { day: req.day, dayUsed: seed.day, monthUsed: seed.month });
     const seeded = isFallback ? this.shareOf(partition, { ...req, seed }) : { ...req, seed };
+    beforeCall?.();
     return backend.acquire(seeded);
   }
 

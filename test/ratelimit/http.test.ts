@@ -269,9 +269,8 @@ describe('concurrency', () => {
     expect(await b.finish()).toBe(201);
   });
   it('frees the slot of a client that leaves while its request is still being admitted', async () => {
-    // Without leases: every request holds a slot of its own on the backend, and GET
-    // /v1/org/usage reads the backend's count. (With leases, a leased request reports the count
-    // of the backend's last answer, which may predate this instance's latest releases.)
+    // Without leases: every request holds a slot of its own on the backend, which is what this
+    // is about, and GET /v1/org/usage reads the backend's count.
     const app = await appWith({ ORG_MAX_CONCURRENT_REQUESTS: '50', RATE_LIMIT_LEASE_MAX: '0' });
     const port = await listen(app);
     const t = await createTenant();

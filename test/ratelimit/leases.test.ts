@@ -240,6 +240,59 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     expect((await state.read(org, FAR)).dayUsed).toBe(35);
   });
 
+  it('what a leased request reports in flight leaves out requests decided one by one that ended since the backend last answered', async () => {
+    const [backend] = shared().backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    (await acquire(limiter, org, 'u1', FAR)).release();
+    await settle(); // u1 has a lease
+    // u2 has none: decided one by one, and held while u2's own lease is granted (that answer
+    // counts u2's request in flight); then it ends.
+    const u2 = await acquire(limiter, org, 'u2', FAR);
+    expect(u2.allowed).toBe(true);
+    await settle();
+    expect(limiter.leaseStats.granted).toBe(2);
+    u2.release();
+    // From u1's lease, with no backend call since: exactly itself in flight.
+    const u1 = await acquire(limiter, org, 'u1', FAR);
+    expect(u1.decision!.concurrent).toBe(1);
+    u1.release();
+  });
+
+  it('an answer that went out before a request ended still counts that request, and it is left out', async () => {
+    const [inner] = shared().backends();
+    // Calls to let through before holding one, until let go (-1: hold none).
+    let passBeforeHold = -1;
+    let letGo: () => void = () => undefined;
+    const held: LimiterBackend & { acquires: number; refunds: number } = {
+      ...inner,
+      acquire: async (req) => {
+        if (passBeforeHold < 0) return inner.acquire(req);
+        if (passBeforeHold-- > 0) return inner.acquire(req);
+        const answer = await inner.acquire(req);
+        await new Promise<void>((resolve) => (letGo = resolve));
+        return answer;
+      },
+    };
+    const limiter = await limiterOn(held);
+    const org = randomUUID();
+    (await acquire(limiter, org, 'u1', FAR)).release();
+    await settle(); // u1 has a lease
+    // u2's request is decided one by one; u2's lease is then charged while that request is in
+    // flight, and answered only after it ended.
+    passBeforeHold = 1;
+    const u2 = await acquire(limiter, org, 'u2', FAR);
+    await settle();
+    expect(passBeforeHold).toBe(-1);
+    u2.release();
+    letGo();
+    await settle();
+    expect(limiter.leaseStats.granted).toBe(2);
+    const u1 = await acquire(limiter, org, 'u1', FAR);
+    expect(u1.decision!.concurrent).toBe(1);
+    u1.release();
+  });
+
   it('near a limit, every request asks the backend: no lease with the default limits (a user bucket of 50)', async () => {
     const [backend] = shared().backends();
     const limiter = await limiterOn(backend);
