@@ -48,6 +48,31 @@ function counting(inner: LimiterBackend): LimiterBackend & { acquires: number; r
   return backend;
 }
 
+/**
+ * A backend whose answer to one acquire is held until `letGo()`: `holdAfter(n)` lets n more
+ * calls through, then holds the next one (its work is done at once; only the answer waits).
+ */
+function holding(inner: LimiterBackend & { acquires: number; refunds: number }) {
+  let pass = -1;
+  let release: () => void = () => undefined;
+  const backend: LimiterBackend & { acquires: number; refunds: number } = {
+    ...inner,
+    acquire: async (req) => {
+      if (pass < 0 || pass-- > 0) return inner.acquire(req);
+      const answer = await inner.acquire(req);
+      await new Promise<void>((resolve) => (release = resolve));
+      return answer;
+    },
+  };
+  return {
+    backend,
+    holdAfter: (n: number) => (pass = n),
+    /** Whether the held call has been made. */
+    held: () => pass < 0,
+    letGo: () => release(),
+  };
+}
+
 async function limiterOn(backend: LimiterBackend, env: Record<string, string> = {}): Promise<RateLimiter> {
   const config = testConfig({ RATE_LIMIT_LEASE_MAX: '64', ...env });
   const usage = new UsageRecorder(await getTestDb(), silentLogger, 60_000);
@@ -203,36 +228,23 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
 
   it('a top-up answered after its lease was given back gives its own charge back', async () => {
     const state = shared();
-    const [inner] = state.backends();
-    // Holds the answer of the next acquire once asked to, until let go.
-    let holdNext = false;
-    let letGo: () => void = () => undefined;
-    const held: LimiterBackend & { acquires: number; refunds: number } = {
-      ...inner,
-      acquire: async (req) => {
-        if (!holdNext) return inner.acquire(req);
-        holdNext = false;
-        const answer = await inner.acquire(req);
-        await new Promise<void>((resolve) => (letGo = resolve));
-        return answer;
-      },
-    };
-    const limiter = await limiterOn(held);
+    const hold = holding(state.backends()[0]);
+    const limiter = await limiterOn(hold.backend);
     const org = randomUUID();
     (await acquire(limiter, org, 'u1', FAR)).release(); // one by one; the first lease (64) follows
     await settle();
     expect(limiter.leaseStats.granted).toBe(1);
-    holdNext = true;
+    hold.holdAfter(0);
     // 33 from the lease: 31 left, under half, so its top-up is asked for (and held).
     for (let i = 0; i < 33; i++) (await acquire(limiter, org, 'u1', FAR)).release();
     await settle();
-    expect(holdNext).toBe(false);
+    expect(hold.held()).toBe(true);
     // New limits retire the lease; nothing of it is in flight, so it is given back at once.
     const other = { ...FAR, maxConcurrent: 99_999 };
     (await acquire(limiter, org, 'u1', other)).release();
     await settle();
     expect(limiter.leaseStats.refunded).toBe(1);
-    letGo();
+    hold.letGo();
     await settle();
     expect(limiter.leaseStats.renewed).toBe(0);
     await limiter.close();
@@ -260,32 +272,19 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
   });
 
   it('an answer that went out before a request ended still counts that request, and it is left out', async () => {
-    const [inner] = shared().backends();
-    // Calls to let through before holding one, until let go (-1: hold none).
-    let passBeforeHold = -1;
-    let letGo: () => void = () => undefined;
-    const held: LimiterBackend & { acquires: number; refunds: number } = {
-      ...inner,
-      acquire: async (req) => {
-        if (passBeforeHold < 0) return inner.acquire(req);
-        if (passBeforeHold-- > 0) return inner.acquire(req);
-        const answer = await inner.acquire(req);
-        await new Promise<void>((resolve) => (letGo = resolve));
-        return answer;
-      },
-    };
-    const limiter = await limiterOn(held);
+    const hold = holding(shared().backends()[0]);
+    const limiter = await limiterOn(hold.backend);
     const org = randomUUID();
     (await acquire(limiter, org, 'u1', FAR)).release();
     await settle(); // u1 has a lease
     // u2's request is decided one by one; u2's lease is then charged while that request is in
     // flight, and answered only after it ended.
-    passBeforeHold = 1;
+    hold.holdAfter(1);
     const u2 = await acquire(limiter, org, 'u2', FAR);
     await settle();
-    expect(passBeforeHold).toBe(-1);
+    expect(hold.held()).toBe(true);
     u2.release();
-    letGo();
+    hold.letGo();
     await settle();
     expect(limiter.leaseStats.granted).toBe(2);
     const u1 = await acquire(limiter, org, 'u1', FAR);
