@@ -348,7 +348,7 @@ export class LeaseTable {
     while (this.refunds.size > 0) await Promise.all([...this.refunds]);
   }
 
-  /** Gives back the leases idle for idleMs or older than maxAgeMs (every second, and from tests). */
+  /** Gives back the leases idle for idleMs or not charged for maxAgeMs (every sweepIntervalMs, and from tests). */
   sweep(nowMs: number): void {
     // A Map's iteration goes on correctly past entries deleted during it (retire() deletes).
     for (const o of this.byOrg.values()) {

@@ -176,7 +176,7 @@ export class RateLimiter {
     };
   }
 
-  /** Gives back the leases idle for RATE_LIMIT_LEASE_IDLE_MS at `nowMs` (runs every second by itself). */
+  /** Gives back the leases idle for RATE_LIMIT_LEASE_IDLE_MS at `nowMs` (runs by itself every tenth of that, at most every 5 s). */
   sweepLeases(nowMs = Date.now()): void {
     this.leases?.sweep(nowMs);
   }
