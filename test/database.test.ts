@@ -1,4 +1,4 @@
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdir, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { Writable } from 'node:stream';
@@ -78,6 +78,21 @@ describe('Embedded PGlite', () => {
       expect((await db.query<{ v: string }>('SELECT v FROM kept')).rows).toEqual([{ v: 'still here' }]);
       expect((await db.query<{ shared_buffers: string }>('SHOW shared_buffers')).rows).toEqual([{ shared_buffers: '32MB' }]);
       await db.close();
+    } finally {
+      await rm(dataDir, { recursive: true, force: true });
+    }
+  });
+
+  it('a data directory that cannot be made fails the start with an error naming it and the reason', async () => {
+    const dataDir = await mkdtemp(path.join(os.tmpdir(), 'llm-app-pglite-'));
+    try {
+      // Files where initdb needs folders.
+      await mkdir(path.join(dataDir, 'pglite'));
+      await writeFile(path.join(dataDir, 'pglite', 'base'), 'x');
+      await writeFile(path.join(dataDir, 'pglite', 'global'), 'x');
+      await expect(createPgliteDatabase(dataDir)).rejects.toThrow(
+        new RegExp(`^Could not create the embedded database in ${path.join(dataDir, 'pglite')}: ErrnoError`),
+      );
     } finally {
       await rm(dataDir, { recursive: true, force: true });
     }

@@ -457,7 +457,8 @@ async function initPgliteDataDir(dir: string, startParams: readonly string[]): P
     "const { PGlite } = require(process.argv[1]);",
     'PGlite.create(process.argv[2], { startParams: JSON.parse(process.argv[3]) })',
     '  .then((db) => db.close())',
-    '  .then(() => process.exit(0), (err) => { process.stderr.write(String(err && err.message || err)); process.exit(1); });',
+    // PGlite's file system errors are not Errors (ErrnoError { errno }): shown whole.
+    "  .then(() => process.exit(0), (err) => { process.stderr.write(typeof err?.message === 'string' ? err.message : require('node:util').inspect(err)); process.exit(1); });",
   ].join('\n');
   try {
     await execFileAsync(process.execPath, ['-e', script, entry, dir, JSON.stringify(startParams)], { maxBuffer: 1 << 20 });
