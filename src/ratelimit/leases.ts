@@ -98,6 +98,13 @@ function setLastAnswer(o: OrgLeases, d: Decision, mark: FreedMark): void {
   o.freedAtAnswer = mark.org === o ? mark.freed : 0;
 }
 
+/**
+ * A bucket's remaining tokens with what leases hold unused counted back in: never above its burst
+ * (a bucket that refilled to full since the lease was charged has nothing to give back).
+ */
+const withUnused = (remaining: number, unused: number, burst: number, perSecond: number): number =>
+  burst > 0 && perSecond > 0 ? Math.min(burst, remaining + unused) : remaining + unused;
+
 /** The org's requests in flight as the backend last saw them, less the slots freed here since. */
 const concurrentNow = (o: OrgLeases): number => Math.max(0, o.concurrent - (o.freed - o.freedAtAnswer));
 
@@ -275,12 +282,13 @@ export class LeaseTable {
    */
   leasedDecision(lease: Lease): Decision {
     const o = lease.org;
+    const l = lease.limits;
     return {
       allowed: true,
       retryAfterSeconds: 0,
       needsSeed: false,
-      org: { remaining: o.orgRemaining + o.unusedTokens, resetSeconds: o.orgResetSeconds },
-      user: { remaining: lease.userRemaining + lease.tokens, resetSeconds: lease.userResetSeconds },
+      org: { remaining: withUnused(o.orgRemaining, o.unusedTokens, l.orgBurst, l.orgPerSecond), resetSeconds: o.orgResetSeconds },
+      user: { remaining: withUnused(lease.userRemaining, lease.tokens, l.userBurst, l.userPerSecond), resetSeconds: lease.userResetSeconds },
       dayUsed: o.dayUsed - o.unusedTokens,
       monthUsed: o.monthUsed - o.unusedTokens,
       concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),
@@ -293,15 +301,15 @@ export class LeaseTable {
    * as the org's latest answer (its call went out at `mark`). Returns `d` itself when the org has
    * no lease here.
    */
-  reportedDecision(orgId: string, userId: string, d: Decision, mark: FreedMark): Decision {
+  reportedDecision(orgId: string, userId: string, limits: OrgLimits, d: Decision, mark: FreedMark): Decision {
     const o = this.byOrg.get(orgId);
     if (o === undefined) return d;
     setLastAnswer(o, d, mark);
     const own = o.users.get(userId)?.tokens ?? 0;
     return {
       ...d,
-      org: { remaining: d.org.remaining + o.unusedTokens, resetSeconds: d.org.resetSeconds },
-      user: { remaining: d.user.remaining + own, resetSeconds: d.user.resetSeconds },
+      org: { remaining: withUnused(d.org.remaining, o.unusedTokens, limits.orgBurst, limits.orgPerSecond), resetSeconds: d.org.resetSeconds },
+      user: { remaining: withUnused(d.user.remaining, own, limits.userBurst, limits.userPerSecond), resetSeconds: d.user.resetSeconds },
       dayUsed: d.dayUsed - o.unusedTokens,
       monthUsed: d.monthUsed - o.unusedTokens,
       concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),

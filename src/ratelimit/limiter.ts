@@ -285,7 +285,7 @@ export class RateLimiter {
     // The probe is answered: the block it stood for ends here, or is replaced just below.
     if (probed !== null) this.blocked.delete(probed);
     // What the request reports: with what this instance's leases hold unused counted back in.
-    const reported = backend === this.deps.primary && leases && mark ? leases.reportedDecision(args.orgId, args.userId, decision, mark) : decision;
+    const reported = backend === this.deps.primary && leases && mark ? leases.reportedDecision(args.orgId, args.userId, args.limits, decision, mark) : decision;
     if (!decision.allowed) {
       const refusedBy = decision.refusedBy ?? 'org_rate';
       this.stats.refused[refusedBy]++;

@@ -292,6 +292,26 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     u1.release();
   });
 
+  it('what a request reports remaining never exceeds a bucket, though leases hold tokens unused', async () => {
+    const [backend] = shared().backends();
+    const limiter = await limiterOn(backend);
+    const org = randomUUID();
+    // Buckets of 1,000 that refill at once: the leases' charges are made up by the next refill.
+    const quick = limits({ orgBurst: 1_000, orgPerSecond: 1e9, userBurst: 1_000, userPerSecond: 1e9, maxConcurrent: 100_000 });
+    (await acquire(limiter, org, 'u1', quick)).release();
+    await settle();
+    expect(limiter.leaseStats.granted).toBe(1);
+    // A second later the org bucket is full again on the backend; u2 is decided one by one.
+    const u2 = await acquire(limiter, org, 'u2', quick, T0 + 1_000);
+    const u1 = await acquire(limiter, org, 'u1', quick, T0 + 1_000);
+    for (const a of [u2, u1]) {
+      expect(a.allowed).toBe(true);
+      expect(a.decision!.org.remaining).toBe(1_000);
+      expect(a.decision!.user.remaining).toBeLessThanOrEqual(1_000);
+      a.release();
+    }
+  });
+
   it('near a limit, every request asks the backend: no lease with the default limits (a user bucket of 50)', async () => {
     const [backend] = shared().backends();
     const limiter = await limiterOn(backend);
