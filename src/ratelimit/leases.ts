@@ -99,11 +99,15 @@ function setLastAnswer(o: OrgLeases, d: Decision, mark: FreedMark): void {
 }
 
 /**
- * A bucket's remaining tokens with what leases hold unused counted back in: never above its burst
- * (a bucket that refilled to full since the lease was charged has nothing to give back).
+ * A bucket's state with what leases hold unused counted back in: never above its burst (a bucket
+ * that refilled to full since the lease was charged has nothing to give back), and a full one
+ * resets in 0 s.
  */
-const withUnused = (remaining: number, unused: number, burst: number, perSecond: number): number =>
-  burst > 0 && perSecond > 0 ? Math.min(burst, remaining + unused) : remaining + unused;
+function withUnused(remaining: number, resetSeconds: number, unused: number, burst: number, perSecond: number): Decision['org'] {
+  const total = remaining + unused;
+  if (!(burst > 0 && perSecond > 0) || total < burst) return { remaining: total, resetSeconds };
+  return { remaining: burst, resetSeconds: 0 };
+}
 
 /** The org's requests in flight as the backend last saw them, less the slots freed here since. */
 const concurrentNow = (o: OrgLeases): number => Math.max(0, o.concurrent - (o.freed - o.freedAtAnswer));
@@ -287,8 +291,8 @@ export class LeaseTable {
       allowed: true,
       retryAfterSeconds: 0,
       needsSeed: false,
-      org: { remaining: withUnused(o.orgRemaining, o.unusedTokens, l.orgBurst, l.orgPerSecond), resetSeconds: o.orgResetSeconds },
-      user: { remaining: withUnused(lease.userRemaining, lease.tokens, l.userBurst, l.userPerSecond), resetSeconds: lease.userResetSeconds },
+      org: withUnused(o.orgRemaining, o.orgResetSeconds, o.unusedTokens, l.orgBurst, l.orgPerSecond),
+      user: withUnused(lease.userRemaining, lease.userResetSeconds, lease.tokens, l.userBurst, l.userPerSecond),
       dayUsed: o.dayUsed - o.unusedTokens,
       monthUsed: o.monthUsed - o.unusedTokens,
       concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),
@@ -308,8 +312,8 @@ export class LeaseTable {
     const own = o.users.get(userId)?.tokens ?? 0;
     return {
       ...d,
-      org: { remaining: withUnused(d.org.remaining, o.unusedTokens, limits.orgBurst, limits.orgPerSecond), resetSeconds: d.org.resetSeconds },
-      user: { remaining: withUnused(d.user.remaining, own, limits.userBurst, limits.userPerSecond), resetSeconds: d.user.resetSeconds },
+      org: withUnused(d.org.remaining, d.org.resetSeconds, o.unusedTokens, limits.orgBurst, limits.orgPerSecond),
+      user: withUnused(d.user.remaining, d.user.resetSeconds, own, limits.userBurst, limits.userPerSecond),
       dayUsed: d.dayUsed - o.unusedTokens,
       monthUsed: d.monthUsed - o.unusedTokens,
       concurrent: Math.max(0, concurrentNow(o) - o.unusedSlots),
