@@ -422,18 +422,9 @@ export class LeaseTable {
     const seq = ++this.seq;
     const slotId = this.slotIdOf(seq);
     const slots = limits.maxConcurrent > 0 ? Math.max(1, size.slots) : 0;
-    let mark = this.mark(orgId);
-    let answer: { decision: Decision; backend: LimiterBackend };
-    try {
-      answer = await this.deps.acquire(
-        { orgId, userId, limits, cost, nowMs, ...periods, slotId, slots: Math.max(1, slots), slotTtlMs: this.deps.slotTtlMs },
-        () => (mark = this.mark(orgId)),
-      );
-    } catch {
-      return false; // the backend failed: requests go one by one, which handles the outage
-    }
-    const { decision: d, backend } = answer;
-    if (!d.allowed) return false; // refused whole: nothing was charged, and no request was refused
+    const charged = await this.charge(orgId, userId, limits, cost, periods, nowMs, slotId, slots);
+    if (charged === null) return false;
+    const { decision: d, backend, mark } = charged;
     this.stats.granted++;
     let o = this.byOrg.get(orgId);
     if (o === undefined) {
@@ -502,34 +493,42 @@ export class LeaseTable {
   }
 
   /**
+   * One backend call charging `cost` tokens and `slots` slots (at least one is sent; the backend
+   * ignores it while the cap is off) under `slotId`: the answer, the backend that gave it and the
+   * freed-slots mark of the call, or null when it failed or was refused whole (nothing charged).
+   * A failure leaves the outage to the requests, which go one by one.
+   */
+  private async charge(
+    orgId: string,
+    userId: string,
+    limits: OrgLimits,
+    cost: number,
+    periods: Periods,
+    nowMs: number,
+    slotId: string,
+    slots: number,
+  ): Promise<{ decision: Decision; backend: LimiterBackend; mark: FreedMark } | null> {
+    let mark = this.mark(orgId);
+    try {
+      const { decision, backend } = await this.deps.acquire(
+        { orgId, userId, limits, cost, nowMs, ...periods, slotId, slots: Math.max(1, slots), slotTtlMs: this.deps.slotTtlMs },
+        () => (mark = this.mark(orgId)),
+      );
+      return decision.allowed ? { decision, backend, mark } : null;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
    * Charges `lease` again, in place: `cost` more tokens, and its own slots taken again (the
    * backend counts only slots not held yet, so this stamps them anew). False when refused or
    * failed; the caller then retires the lease.
    */
   private async topUp(lease: Lease, limits: OrgLimits, size: LeaseSize, cost: number, periods: Periods, nowMs: number): Promise<boolean> {
-    const slotId = this.slotIdOf(lease.seq);
-    let mark = this.mark(lease.orgId);
-    let answer: { decision: Decision; backend: LimiterBackend };
-    try {
-      answer = await this.deps.acquire(
-        {
-          orgId: lease.orgId,
-          userId: lease.userId,
-          limits,
-          cost,
-          nowMs,
-          ...periods,
-          slotId,
-          slots: Math.max(1, lease.slots),
-          slotTtlMs: this.deps.slotTtlMs,
-        },
-        () => (mark = this.mark(lease.orgId)),
-      );
-    } catch {
-      return false;
-    }
-    const { decision: d, backend } = answer;
-    if (!d.allowed) return false;
+    const charged = await this.charge(lease.orgId, lease.userId, limits, cost, periods, nowMs, this.slotIdOf(lease.seq), lease.slots);
+    if (charged === null) return false;
+    const { decision: d, backend, mark } = charged;
     if (backend !== lease.backend || lease.givenBack) {
       // Charged elsewhere than the lease (the fallback of an outage), or the lease was given back
       // while this charge was on its way: the charge goes back where it was made. Its slots too,
