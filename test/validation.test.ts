@@ -1,6 +1,7 @@
 import type { FastifyInstance, LightMyRequestResponse } from 'fastify';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Database } from '../src/infra/database.js';
+import { newRequestId } from '../src/middleware/requestId.js';
 import { buildTestApp, createTenant, type TestTenant } from './helpers/app.js';
 import { getTestDb } from './helpers/db.js';
 
@@ -483,6 +484,19 @@ describe('x-request-id', () => {
     expect(generated).not.toBe(id);
     expect(generated).toMatch(UUID_RE);
     expect(expectError(res, 400, 'validation_failed').requestId).toBe(generated);
+  });
+
+  it('generated ids are random version-4 UUIDs, distinct across refills of the random pool', () => {
+    const V4 = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+    const ids = Array.from({ length: 1_000 }, () => newRequestId()); // about eight pools of 128
+    for (const id of ids) expect(id).toMatch(V4);
+    expect(new Set(ids).size).toBe(ids.length);
+    // Every random hex digit takes many values (not a constant, nor a few bytes repeated).
+    for (let pos = 0; pos < 36; pos++) {
+      if ([8, 13, 14, 18, 23].includes(pos)) continue; // dashes, the version digit
+      const seen = new Set(ids.map((id) => id[pos]));
+      expect(seen.size, `position ${pos}`).toBeGreaterThanOrEqual(pos === 19 ? 4 : 16);
+    }
   });
 
   it('without an incoming id every response gets a distinct generated one', async () => {
