@@ -30,6 +30,12 @@ export interface RequestContext {
  */
 export interface CallerMemo {
   lease?: object;
+  /**
+   * The rate limiter's keys of this caller's remembered refusals (org, then user). A key built per
+   * request is a new string whose hash the lookup computes each time; a refused flood makes
+   * every request look them up.
+   */
+  blockKeys?: { readonly orgId: string; readonly userId: string; readonly org: string; readonly user: string };
 }
 
 /**

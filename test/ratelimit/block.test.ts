@@ -3,6 +3,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { RateLimiter } from '../../src/ratelimit/limiter.js';
 import { createMemoryBackend } from '../../src/ratelimit/memory.js';
 import type { LimiterBackend } from '../../src/ratelimit/types.js';
+import type { CallerMemo } from '../../src/types/context.js';
 import { UsageRecorder } from '../../src/ratelimit/usage.js';
 import { testConfig } from '../helpers/app.js';
 import { getTestDb, silentLogger } from '../helpers/db.js';
@@ -143,6 +144,26 @@ describe('rememberedRefusal (the refusal gate asks it before any hook runs)', ()
     expect(limiter.rememberedRefusal(args(T0 + 150))).toBeNull();
     expect((await limiter.acquireOrg(args(T0 + 150))).allowed).toBe(true); // admit() probes
     expect(backend.calls).toBe(3);
+  });
+
+  it("keeps the caller's block keys in its memo, and a memo met with another caller is not trusted", async () => {
+    const limiter = await limiterWith(countingBackend(0));
+    const blockedOrg = randomUUID();
+    const userId = randomUUID();
+    const memo: CallerMemo = {};
+    const args = (orgId: string, nowMs: number) => ({ orgId, userId, limits: orgLimits, nowMs, memo });
+    expect((await limiter.acquireOrg(args(blockedOrg, T0))).allowed).toBe(true);
+    expect((await limiter.acquireOrg(args(blockedOrg, T0))).allowed).toBe(false); // blocked until T0 + 100
+    expect(memo.blockKeys).toMatchObject({ orgId: blockedOrg, userId });
+    const kept = memo.blockKeys;
+    expect(limiter.rememberedRefusal(args(blockedOrg, T0 + 10))?.refusedBy).toBe('org_rate');
+    expect(limiter.admit(args(blockedOrg, T0 + 10))).toMatchObject({ allowed: false, refusedBy: 'org_rate' });
+    expect(memo.blockKeys).toBe(kept); // the same keys, not made again
+    // The same memo with another org: its own keys, so not the blocked org's refusal.
+    const otherOrg = randomUUID();
+    expect(limiter.rememberedRefusal(args(otherOrg, T0 + 10))).toBeNull();
+    expect((await limiter.acquireOrg(args(otherOrg, T0 + 10))).allowed).toBe(true);
+    expect(memo.blockKeys).toMatchObject({ orgId: otherOrg, userId });
   });
 
   it('answers null while the caller holds a lease: admit() would admit from it', async () => {
