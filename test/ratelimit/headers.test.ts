@@ -1,6 +1,6 @@
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import { intText, rateLimitPolicy, rateLimitState } from '../../src/ratelimit/headers.js';
+import { rateLimitPolicy, rateLimitState } from '../../src/ratelimit/headers.js';
 import type { Decision, OrgLimits } from '../../src/ratelimit/types.js';
 
 const limits = (over: Partial<OrgLimits> = {}): OrgLimits => ({
@@ -26,17 +26,54 @@ const decision = (over: Partial<Decision> = {}): Decision => ({
   ...over,
 });
 
-describe('intText', () => {
-  it('writes every whole number as String() does, large ones included', () => {
-    fc.assert(fc.property(fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }), (n) => intText(n) === String(n)), { numRuns: 20_000 });
-    // Low halves with leading zeros, and the edges of the two-halves path.
-    for (const n of [0, 2 ** 30 - 1, 2 ** 30, 1e8, 1e15, 1e15 + 7, 1e15 - 1, 100_000_000_000_007, 123_400_000_005, Number.MAX_SAFE_INTEGER]) {
-      expect(intText(n)).toBe(String(n));
+/** The field as the draft spells it, from String() of each number: what rateLimitState must write. */
+function expected(l: OrgLimits, d: Decision, nowMs: number, p: { dayEndsMs: number; monthEndsMs: number }): string {
+  const items: string[] = [];
+  if (l.orgBurst > 0 && l.orgPerSecond > 0) items.push(`"org";r=${d.org.remaining};t=${d.org.resetSeconds}`);
+  if (l.userBurst > 0 && l.userPerSecond > 0) items.push(`"user";r=${d.user.remaining};t=${d.user.resetSeconds}`);
+  if (l.dailyCap > 0) items.push(`"day";r=${Math.max(0, l.dailyCap - d.dayUsed)};t=${Math.ceil((p.dayEndsMs - nowMs) / 1000)}`);
+  if (l.monthlyCap > 0) items.push(`"month";r=${Math.max(0, l.monthlyCap - d.monthUsed)};t=${Math.ceil((p.monthEndsMs - nowMs) / 1000)}`);
+  return items.join(', ');
+}
+
+describe('RateLimit field text', () => {
+  it('is what String() of each number gives, for any whole numbers up to 2^53 - 1 and any set of limits on', () => {
+    const big = fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER });
+    const count = fc.oneof(fc.integer({ min: 0, max: 1_000 }), fc.integer({ min: 0, max: 2 ** 31 }), big);
+    fc.assert(
+      fc.property(
+        fc.record({ orgBurst: count, userBurst: count, dailyCap: count, monthlyCap: count }),
+        fc.record({ orgRemaining: count, orgReset: count, userRemaining: count, userReset: count, dayUsed: count, monthUsed: count }),
+        fc.integer({ min: 0, max: 10 ** 12 }),
+        fc.integer({ min: 0, max: 40 * 86_400_000 }),
+        (caps, n, nowMs, ahead) => {
+          const l = limits({ ...caps, orgPerSecond: 1, userPerSecond: 1 });
+          const d = decision({
+            org: { remaining: n.orgRemaining, resetSeconds: n.orgReset },
+            user: { remaining: n.userRemaining, resetSeconds: n.userReset },
+            dayUsed: n.dayUsed,
+            monthUsed: n.monthUsed,
+          });
+          const p = { dayEndsMs: nowMs + (ahead % 86_400_000), monthEndsMs: nowMs + ahead };
+          expect(rateLimitState(l, d, nowMs, p)).toBe(expected(l, d, nowMs, p));
+        },
+      ),
+      { numRuns: 5_000 },
+    );
+  });
+
+  it('writes the digits of round numbers and of the edges of the integer ranges exactly', () => {
+    const l = limits({ orgBurst: 1, userBurst: 0, dailyCap: 0, monthlyCap: 0 });
+    for (const n of [0, 9, 10, 99, 100, 1e8, 2 ** 30 - 1, 2 ** 30, 2 ** 31 - 1, 2 ** 31, 1e15, 1e15 - 1, 1e15 + 7, 100_000_000_000_007, 89_999_999 * 1e8 - 1, Number.MAX_SAFE_INTEGER]) {
+      expect(rateLimitState(l, decision({ org: { remaining: n, resetSeconds: 0 } }), 0, { dayEndsMs: 0, monthEndsMs: 0 })).toBe(`"org";r=${n};t=0`);
     }
   });
 
-  it('leaves anything else to String()', () => {
-    for (const n of [1.5, 2 ** 40 + 0.5, -1, -(2 ** 40), 2 ** 53, 2 ** 60, Infinity, NaN]) expect(intText(n)).toBe(String(n));
+  it('falls back to String() for what is not a whole number (never expected)', () => {
+    const l = limits({ orgBurst: 1, userBurst: 0, dailyCap: 0, monthlyCap: 0 });
+    for (const n of [1.5, -1, 2 ** 53, 2 ** 60]) {
+      expect(rateLimitState(l, decision({ org: { remaining: n, resetSeconds: 0 } }), 0, { dayEndsMs: 0, monthEndsMs: 0 })).toBe(`"org";r=${n};t=0`);
+    }
   });
 });
 
