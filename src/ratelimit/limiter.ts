@@ -208,7 +208,9 @@ export class RateLimiter {
     // Far from every limit: admitted from the caller's lease, in memory.
     const lease = this.leases?.take(args.orgId, args.userId, args.limits, cost, periods, nowMs, args.memo ?? null) ?? null;
     if (lease !== null) return this.leased(lease, args.orgId, cost, periods, nowMs);
-    const { org: orgKey, user: userKey } = blockKeys(args);
+    // Kept in the caller's memo only while some refusal is remembered: a cache of callers that are
+    // all admitted (many tenants, say) holds no keys.
+    const { org: orgKey, user: userKey } = blockKeys(args, this.blocked.size > 0);
     const orgBlock = this.checkBlocked(orgKey, nowMs);
     if (orgBlock && orgBlock !== PROBE) return this.refusedFromBlock(orgBlock, periods, nowMs);
     const userBlock = this.checkBlocked(userKey, nowMs, orgBlock !== PROBE);
@@ -236,7 +238,7 @@ export class RateLimiter {
     if (this.blocked.size === 0 || isOff(args.limits)) return null;
     if (this.leases?.holds(args.orgId, args.userId) === true) return null;
     const nowMs = args.nowMs ?? Date.now();
-    const { org: orgKey, user: userKey } = blockKeys(args);
+    const { org: orgKey, user: userKey } = blockKeys(args, true);
     const orgBlock = this.blocked.get(orgKey);
     if (orgBlock !== undefined) return this.stillRefusing(orgBlock, nowMs) ? repeated(orgBlock, utcPeriods(nowMs), nowMs) : null;
     const userBlock = this.blocked.get(userKey);
@@ -562,13 +564,13 @@ export class RateLimiter {
 }
 
 /** The refusal a block repeats at `nowMs`. */
-/** The keys of the caller's remembered refusals in `blocked`: its org's, its own. */
-function blockKeys(args: OrgAdmissionArgs): { readonly org: string; readonly user: string } {
+/** The keys of the caller's remembered refusals in `blocked`: its org's, its own; `keep`: kept in its memo. */
+function blockKeys(args: OrgAdmissionArgs, keep: boolean): { readonly org: string; readonly user: string } {
   const known = args.memo?.blockKeys;
   // The same strings as a rule (the cached caller's own), so the check costs two pointer compares.
   if (known !== undefined && known.orgId === args.orgId && known.userId === args.userId) return known;
   const keys = { orgId: args.orgId, userId: args.userId, org: `o:${args.orgId}`, user: `u:${args.orgId}:${args.userId}` };
-  if (args.memo) args.memo.blockKeys = keys;
+  if (keep && args.memo) args.memo.blockKeys = keys;
   return keys;
 }
 

@@ -146,17 +146,19 @@ describe('rememberedRefusal (the refusal gate asks it before any hook runs)', ()
     expect(backend.calls).toBe(3);
   });
 
-  it("keeps the caller's block keys in its memo, and a memo met with another caller is not trusted", async () => {
+  it("keeps the caller's block keys in its memo while refusals are remembered, and a memo met with another caller is not trusted", async () => {
     const limiter = await limiterWith(countingBackend(0));
     const blockedOrg = randomUUID();
     const userId = randomUUID();
     const memo: CallerMemo = {};
     const args = (orgId: string, nowMs: number) => ({ orgId, userId, limits: orgLimits, nowMs, memo });
     expect((await limiter.acquireOrg(args(blockedOrg, T0))).allowed).toBe(true);
+    // While nothing is remembered, no keys are kept (a cache of many admitted callers holds none).
+    expect(memo.blockKeys).toBeUndefined();
     expect((await limiter.acquireOrg(args(blockedOrg, T0))).allowed).toBe(false); // blocked until T0 + 100
+    expect(limiter.rememberedRefusal(args(blockedOrg, T0 + 10))?.refusedBy).toBe('org_rate');
     expect(memo.blockKeys).toMatchObject({ orgId: blockedOrg, userId });
     const kept = memo.blockKeys;
-    expect(limiter.rememberedRefusal(args(blockedOrg, T0 + 10))?.refusedBy).toBe('org_rate');
     expect(limiter.admit(args(blockedOrg, T0 + 10))).toMatchObject({ allowed: false, refusedBy: 'org_rate' });
     expect(memo.blockKeys).toBe(kept); // the same keys, not made again
     // The same memo with another org: its own keys, so not the blocked org's refusal.
