@@ -45,6 +45,8 @@ const FAST_LEASE_MS = 1_000;
 /** Slots of a caller's first lease; doubled on renewal whenever they were all in use, up to MAX. */
 const FIRST_LEASE_SLOTS = 2;
 const MAX_LEASE_SLOTS = 64;
+/** Refunds in flight at once while closing (one pipeline to Redis each, with auto-pipelining). */
+export const CLOSE_BATCH = 512;
 /**
  * How often idle and old leases are looked for: a tenth of the shorter of the two times (so a
  * lease is given back at most 10 % late), at most every 5 s. A sweep reads every lease: with
@@ -351,12 +353,21 @@ export class LeaseTable {
       .finally(() => this.granting.delete(key));
   }
 
-  /** Gives every lease back (shutdown) and waits for the refunds. */
+  /**
+   * Gives every lease back (shutdown) and waits for the refunds, at most CLOSE_BATCH at a time: an
+   * instance serving many tenants holds tens of thousands of leases, and giving 50,000 back at
+   * once built every call before the first answer came, about 300 MB more for a second or two.
+   */
   async close(): Promise<void> {
     this.closed = true;
     clearInterval(this.timer);
     const nowMs = Date.now();
-    for (const o of [...this.byOrg.values()]) for (const lease of [...o.users.values()]) this.retire(lease, nowMs);
+    for (const o of [...this.byOrg.values()]) {
+      for (const lease of [...o.users.values()]) {
+        this.retire(lease, nowMs);
+        if (this.refunds.size >= CLOSE_BATCH) await Promise.all([...this.refunds]);
+      }
+    }
     while (this.refunds.size > 0) await Promise.all([...this.refunds]);
   }
 

@@ -1,6 +1,7 @@
 import { randomUUID } from 'node:crypto';
 import { Redis } from 'ioredis';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { CLOSE_BATCH } from '../../src/ratelimit/leases.js';
 import { RateLimiter, type Admission } from '../../src/ratelimit/limiter.js';
 import { createMemoryBackend } from '../../src/ratelimit/memory.js';
 import { createRedisBackend } from '../../src/ratelimit/redis.js';
@@ -430,6 +431,44 @@ describe.each(subjects)('leases on the %s backend', (_name, shared) => {
     for (const adm of last) adm.release();
     await limiter.close();
     expect((await state.read(org, FAR)).concurrent).toBe(0);
+  });
+});
+
+describe('closing', () => {
+  it('gives every lease back, at most CLOSE_BATCH refunds at a time', async () => {
+    const inner = counting(createMemoryBackend({ maxKeys: 1_000_000 }));
+    let inFlight = 0;
+    let most = 0;
+    const backend: LimiterBackend = {
+      ...inner,
+      refund: async (req) => {
+        inFlight++;
+        most = Math.max(most, inFlight);
+        try {
+          await new Promise((r) => setTimeout(r, 1)); // a round trip
+          return await inner.refund(req);
+        } finally {
+          inFlight--;
+        }
+      },
+    };
+    const limiter = await limiterOn(backend);
+    const perOrg = Math.ceil(CLOSE_BATCH / 4);
+    const orgs = Array.from({ length: 10 }, () => randomUUID());
+    const callers = perOrg * orgs.length; // more than two batches
+    for (let i = 0; i < callers; i++) (await acquire(limiter, orgs[i % orgs.length]!, `u${i}`, FAR)).release();
+    await settle();
+    expect(limiter.leaseStats.held).toBe(callers);
+    await limiter.close();
+    expect(inner.refunds).toBe(callers);
+    expect(inFlight).toBe(0);
+    expect(most).toBeLessThanOrEqual(CLOSE_BATCH);
+    expect(most).toBeGreaterThan(1); // in batches, not one after the other
+    // Everything unused came back: each org's day holds exactly its admitted requests.
+    for (const org of orgs) {
+      const d = await inner.acquire(request(org, 'reader', FAR, T0));
+      expect(d.dayUsed).toBe(perOrg + 1);
+    }
   });
 });
 
