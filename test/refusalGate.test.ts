@@ -132,6 +132,25 @@ describe('the refusal gate', () => {
     expect(await through('/v1/me', { 'x-org-id': t.member.orgId })).toBe(400);
   });
 
+  it('finds each request its own route when URLs and methods alternate (it keeps the last one found)', async () => {
+    const s = await serve(true);
+    const t = await refusedTenant(s);
+    const steps: [string, string, number, number][] = [
+      // method, path, status, answers of the gate so far
+      ['GET', '/v1/me', 429, 1],
+      ['GET', '/v1/no-such-route', 404, 1],
+      ['GET', '/v1/me', 429, 2],
+      ['POST', '/v1/me', 404, 2],
+      ['GET', '/v1/me', 429, 3],
+      ['GET', '/v1/users', 429, 4],
+      ['GET', '/v1/me/', 404, 4],
+    ];
+    for (const [method, path, status, answered] of steps) {
+      expect((await send(s.port, path, t.member.headers, method)).status, `${method} ${path}`).toBe(status);
+      expect(await gateAnswered(s), `${method} ${path}`).toBe(answered);
+    }
+  });
+
   it('leaves the refusal of an address that failed authentication too often to Fastify: it comes first', async () => {
     const s = await serve(true, { ...ONE_REQUEST, IP_RATE_LIMIT_PER_MINUTE: '3' });
     const t = await refusedTenant(s);

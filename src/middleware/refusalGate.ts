@@ -121,6 +121,9 @@ export function createRefusalGate(deps: RefusalGateDeps): RefusalGateHandle {
       }
     : (req: IncomingMessage) => req.socket.remoteAddress;
 
+  let lastUrl: string | null = null;
+  let lastMethod: string | null = null;
+  let lastFound: ReturnType<typeof router.find> | undefined;
   const gate: RefusalGate = (req, res) => {
     const method = req.method;
     if (method === undefined || method === 'HEAD' || !limiter.remembersRefusals) return false;
@@ -133,11 +136,18 @@ export function createRefusalGate(deps: RefusalGateDeps): RefusalGateHandle {
     const limits = effectiveLimits(defaults, caller.limitOverrides);
     const refused = limiter.rememberedRefusal({ orgId: context.orgId, userId: context.userId, limits, memo: caller.memo ?? null });
     if (refused === null) return false;
-    let found;
-    try {
-      found = router.find(method as HTTPMethod, req.url ?? '');
-    } catch {
-      return false; // a URL the router cannot read: Fastify answers it
+    const url = req.url ?? '';
+    let found = url === lastUrl && method === lastMethod ? lastFound : undefined;
+    if (found === undefined) {
+      try {
+        found = router.find(method as HTTPMethod, url);
+      } catch {
+        return false; // a URL the router cannot read: Fastify answers it
+      }
+      // A flood repeats one URL: the last answer is kept for the next request.
+      lastUrl = url;
+      lastMethod = method;
+      lastFound = found;
     }
     if (found === null) return false; // not a tenant route: Fastify answers (a 404, say)
     if (deps.ipLimit) {
@@ -169,6 +179,7 @@ export function createRefusalGate(deps: RefusalGateDeps): RefusalGateHandle {
     answered: () => answered,
     routes: {
       add(method, url) {
+        lastUrl = null; // the kept answer may be another now
         for (const m of Array.isArray(method) ? method : [method]) {
           if (m === 'HEAD') continue;
           if (!router.hasRoute(m as HTTPMethod, url)) router.on(m as HTTPMethod, url, noop, { route: url });
