@@ -563,7 +563,6 @@ export class RateLimiter {
   }
 }
 
-/** The refusal a block repeats at `nowMs`. */
 /** The keys of the caller's remembered refusals in `blocked`: its org's, its own; `keep`: kept in its memo. */
 function blockKeys(args: OrgAdmissionArgs, keep: boolean): { readonly org: string; readonly user: string } {
   const known = args.memo?.blockKeys;
@@ -574,6 +573,7 @@ function blockKeys(args: OrgAdmissionArgs, keep: boolean): { readonly org: strin
   return keys;
 }
 
+/** The refusal a block repeats at `nowMs`. */
 function repeated(b: Blocked, periods: Periods, nowMs: number): Admission {
   return {
     allowed: false,

@@ -3,7 +3,7 @@ import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from
 import { createMemoryBackend, type MemoryBackend } from '../../src/ratelimit/memory.js';
 import { createRedisBackend } from '../../src/ratelimit/redis.js';
 import type { AcquireRequest, Decision, LimiterBackend, OrgLimits } from '../../src/ratelimit/types.js';
-import { NO_USAGE, T0, limits, newOrgId, periodOf, request, type RequestOptions } from './helpers.js';
+import { ALLOWED_OFF, NO_USAGE, T0, limits, newOrgId, periodOf, request, type RequestOptions } from './helpers.js';
 
 /**
  * One contract, two backends. Time is simulated: every call passes its own nowMs, so refill and
@@ -21,16 +21,6 @@ interface Subject {
   org(): string;
 }
 
-const ALLOWED_OFF: Decision = {
-  allowed: true,
-  retryAfterSeconds: 0,
-  needsSeed: false,
-  org: { remaining: 0, resetSeconds: 0 },
-  user: { remaining: 0, resetSeconds: 0 },
-  dayUsed: 0,
-  monthUsed: 0,
-  concurrent: 0,
-};
 
 function contract(subject: () => Subject): void {
   const acquire = (orgId: string, userId: string, lim: OrgLimits, nowMs: number, opts?: RequestOptions): Promise<Decision> =>

@@ -1,5 +1,5 @@
 import { randomUUID } from 'node:crypto';
-import type { AcquireRequest, OrgLimits } from '../../src/ratelimit/types.js';
+import type { AcquireRequest, Decision, OrgLimits } from '../../src/ratelimit/types.js';
 
 /** Every limit off. */
 export const OFF: OrgLimits = {
@@ -10,6 +10,18 @@ export const OFF: OrgLimits = {
   dailyCap: 0,
   monthlyCap: 0,
   maxConcurrent: 0,
+};
+
+/** An admission with nothing counted: what a backend answers when every limit is off. */
+export const ALLOWED_OFF: Decision = {
+  allowed: true,
+  retryAfterSeconds: 0,
+  needsSeed: false,
+  org: { remaining: 0, resetSeconds: 0 },
+  user: { remaining: 0, resetSeconds: 0 },
+  dayUsed: 0,
+  monthUsed: 0,
+  concurrent: 0,
 };
 
 export function limits(partial: Partial<OrgLimits>): OrgLimits {
