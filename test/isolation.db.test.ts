@@ -30,7 +30,7 @@ const orgColumn = (table: string) => (table === 'orgs' ? 'id' : 'org_id');
 /** Rows in every tenant table for one org: users (createTenant, one with a password), limits, usage, audit entries, API keys, sessions. */
 async function fillEveryTable(t: TestTenant): Promise<void> {
   await setOrgLimitOverrides(db, t.org.id, { orgBurst: 7 });
-  await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
+  await addUsage(db, { orgIds: [t.org.id], days: ['2026-01-02'], requests: [3] });
   await recordAuditEvent(db, t.org.id, { action: 'auth.failed', actor: SYSTEM_ACTOR });
   await insertApiKey(db, t.org.id, 'admin', t.owner.id);
   const passwordHash = await hashPassword(`fill-${randomUUID()}`);

@@ -143,7 +143,7 @@ beforeAll(async () => {
   for (const t of [a, b]) {
     // Rows in every tenant table: users (above), limits, usage, audit entries and API keys (from the API).
     await setOrgLimitOverrides(db, t.org.id, { orgBurst: 500 });
-    await addUsage(db, [{ orgId: t.org.id, day: '2026-01-02', month: '2026-01', requests: 3 }]);
+    await addUsage(db, { orgIds: [t.org.id], days: ['2026-01-02'], requests: [3] });
     const res = await app.inject({ method: 'POST', url: '/v1/users', headers: t.owner.headers, payload: { email: newEmail() } });
     expect(res.statusCode).toBe(201);
     await app.inject({ method: 'POST', url: '/v1/users', headers: t.member.headers, payload: { email: newEmail() } }); // 403, audited

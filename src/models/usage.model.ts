@@ -7,39 +7,37 @@ import type { Database } from '../infra/database.js';
  * org's usage is that org's business: the tenant path.
  */
 
-export interface UsageDelta {
-  orgId: string;
+/** Admitted requests to add, as parallel arrays: one entry per org and UTC day. */
+export interface UsageBatch {
+  orgIds: string[];
   /** 'YYYY-MM-DD' (UTC). */
-  day: string;
-  /** 'YYYY-MM' (UTC). */
-  month: string;
-  requests: number;
+  days: string[];
+  requests: number[];
 }
 
-/** Adds every delta to its day and month rows, in one statement. */
-export async function addUsage(db: Database, deltas: readonly UsageDelta[]): Promise<void> {
-  if (deltas.length === 0) return;
-  const orgIds: string[] = [];
-  const periods: string[] = [];
-  const starts: string[] = [];
-  const counts: number[] = [];
-  for (const d of deltas) {
-    orgIds.push(d.orgId, d.orgId);
-    periods.push('day', 'month');
-    starts.push(d.day, `${d.month}-01`);
-    counts.push(d.requests, d.requests);
-  }
-  // Unnest of parallel arrays: one round trip whatever the batch size. GROUP BY merges the rows
-  // of one key first (an upsert may not touch the same row twice in one statement).
+/**
+ * `{a,b,c}`: PostgreSQL's array literal of values that need no quoting (UUIDs, ISO dates, whole
+ * numbers, as only this module passes). Written here rather than left to pg's array conversion,
+ * which escapes every element on its own: a batch of 10,000 orgs made 30,000 strings per write.
+ */
+const arrayLiteral = (values: readonly (string | number)[]): string => `{${values.join(',')}}`;
+
+/** Adds every entry to its day's and its month's rows, in one statement. */
+export async function addUsage(db: Database, batch: UsageBatch): Promise<void> {
+  if (batch.orgIds.length === 0) return;
+  // Unnest of parallel arrays: one round trip whatever the batch size. Each entry counts toward
+  // its day and its month; GROUP BY merges the rows of one key first (an upsert may not touch the
+  // same row twice in one statement).
   await queryAsSystem(
     db,
     `INSERT INTO org_usage (org_id, period, period_start, requests)
-     SELECT org_id, period, period_start, sum(requests)
-       FROM unnest($1::uuid[], $2::text[], $3::date[], $4::bigint[]) AS t(org_id, period, period_start, requests)
-      GROUP BY org_id, period, period_start
+     SELECT t.org_id, p.period, p.period_start, sum(t.requests)
+       FROM unnest($1::uuid[], $2::date[], $3::bigint[]) AS t(org_id, day, requests)
+      CROSS JOIN LATERAL (VALUES ('day', t.day), ('month', date_trunc('month', t.day::timestamp)::date)) AS p(period, period_start)
+      GROUP BY t.org_id, p.period, p.period_start
      ON CONFLICT (org_id, period, period_start)
      DO UPDATE SET requests = org_usage.requests + EXCLUDED.requests, updated_at = now()`,
-    [orgIds, periods, starts, counts],
+    [arrayLiteral(batch.orgIds), arrayLiteral(batch.days), arrayLiteral(batch.requests)],
   );
 }
 

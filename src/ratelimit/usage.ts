@@ -1,26 +1,35 @@
 import type { Logger } from 'pino';
 import type { Database } from '../infra/database.js';
-import { addUsage, findUsage, type UsageDelta } from '../models/usage.model.js';
+import { addUsage, findUsage, type UsageBatch } from '../models/usage.model.js';
 
 /**
  * Admitted usage, batched into PostgreSQL: one statement per interval (at most 5 s) instead of a
- * write per request. If PostgreSQL is down the batch is kept and retried, so nothing is lost
+ * write per request. If PostgreSQL is down the counts are kept and retried, so nothing is lost
  * while the process lives; shutdown flushes what is left.
  */
 /**
- * One org's admitted requests of one day, in the batch being gathered. A caller on the hot path
- * may keep it and add to `requests` directly while `isCurrent` says so: no key string and no
- * lookup per request.
+ * One org's admitted requests of one day, not yet written. A caller on the hot path may keep it
+ * and add to `requests` directly while `isCurrent` says so: no key string and no lookup per
+ * request. A tally outlives the batches: a write takes its count and leaves the object in place,
+ * so an org that keeps sending requests allocates nothing here between writes (with 10,000 orgs,
+ * a new object per org per batch was most of what the old generation took in).
  */
-export interface UsageTally extends UsageDelta {
-  /** The batch it belongs to; -1 once dropped. */
-  batch: number;
+export interface UsageTally {
+  readonly orgId: string;
+  /** 'YYYY-MM-DD' (UTC). */
+  readonly day: string;
+  /** 'YYYY-MM' (UTC), the day's month. */
+  readonly month: string;
+  /** Admitted and not yet in a write. */
+  requests: number;
+  /** In the write under way. */
+  writing: number;
+  /** Forgotten (idle through a whole interval, or dropped from a full table): fetch a new one. */
+  dropped: boolean;
 }
 
 export class UsageRecorder {
-  private pending = new Map<string, UsageTally>();
-  /** Numbers the batches: a tally of an earlier one is no longer counted. */
-  private batch = 0;
+  private readonly tallies = new Map<string, UsageTally>();
   private inFlight: Promise<void> | null = null;
   private timer: NodeJS.Timeout | null = null;
   private failing = false;
@@ -29,7 +38,7 @@ export class UsageRecorder {
     private readonly db: Database,
     private readonly logger: Logger,
     private readonly intervalMs: number,
-    /** Beyond this many org-periods waiting, the oldest are dropped (and logged): memory stays bounded. */
+    /** Beyond this many org-days kept, the oldest are dropped (and logged): memory stays bounded. */
     private readonly maxPending = 100_000,
   ) {}
 
@@ -42,42 +51,39 @@ export class UsageRecorder {
     this.tally(orgId, day, month).requests += requests;
   }
 
-  /** The running count of `orgId`'s requests on `day` in this batch, made if needed. */
+  /** The running count of `orgId`'s requests on `day`, made if needed. */
   tally(orgId: string, day: string, month: string): UsageTally {
     const key = `${orgId}|${day}`;
-    const cur = this.pending.get(key);
+    const cur = this.tallies.get(key);
     if (cur) return cur;
-    if (this.pending.size >= this.maxPending) {
-      const oldest = this.pending.keys().next().value;
+    if (this.tallies.size >= this.maxPending) {
+      const oldest = this.tallies.keys().next().value;
       if (oldest !== undefined) {
-        this.pending.get(oldest)!.batch = -1;
-        this.pending.delete(oldest);
+        this.tallies.get(oldest)!.dropped = true;
+        this.tallies.delete(oldest);
       }
       this.logger.error({ maxPending: this.maxPending }, 'Usage batch full: dropping the oldest entry');
     }
-    const created: UsageTally = { orgId, day, month, requests: 0, batch: this.batch };
-    this.pending.set(key, created);
+    const created: UsageTally = { orgId, day, month, requests: 0, writing: 0, dropped: false };
+    this.tallies.set(key, created);
     return created;
   }
 
-  /** Whether adding to `t` still counts (it belongs to the batch being gathered). */
+  /** Whether adding to `t` still counts. */
   isCurrent(t: UsageTally): boolean {
-    return t.batch === this.batch;
+    return !t.dropped;
   }
 
   /** What this process admitted and has not written yet, for one org and period. */
   unflushed(orgId: string, day: string, month: string): { day: number; month: number } {
     let dayCount = 0;
     let monthCount = 0;
-    const add = (m: Map<string, UsageTally>) => {
-      for (const d of m.values()) {
-        if (d.orgId !== orgId || d.month !== month) continue;
-        monthCount += d.requests;
-        if (d.day === day) dayCount += d.requests;
-      }
-    };
-    add(this.pending);
-    if (this.flushing) add(this.flushing);
+    for (const t of this.tallies.values()) {
+      if (t.orgId !== orgId || t.month !== month) continue;
+      const n = t.requests + t.writing;
+      monthCount += n;
+      if (t.day === day) dayCount += n;
+    }
     return { day: dayCount, month: monthCount };
   }
 
@@ -98,41 +104,49 @@ export class UsageRecorder {
   private readers = 0;
   private readersDrained: (() => void) | null = null;
 
-  private flushing: Map<string, UsageTally> | null = null;
-
   async flush(): Promise<void> {
     if (this.inFlight) return this.inFlight;
-    if (this.pending.size === 0) return;
+    if (this.tallies.size === 0) return;
     this.inFlight = (async () => {
       // Let reads in progress finish first (new ones wait for this write).
       while (this.readers > 0) await new Promise<void>((r) => (this.readersDrained = r));
       this.readersDrained = null;
-      const batch = this.pending;
-      this.pending = new Map();
-      this.batch++;
-      this.flushing = batch;
+      const batch: UsageBatch = { orgIds: [], days: [], requests: [] };
+      for (const [key, t] of this.tallies) {
+        if (t.requests === 0) {
+          // Nothing since the last write (and none under way: only this write runs): an idle org,
+          // or a day that is over, is forgotten; whoever holds the tally fetches a new one.
+          this.tallies.delete(key);
+          t.dropped = true;
+          continue;
+        }
+        batch.orgIds.push(t.orgId);
+        batch.days.push(t.day);
+        batch.requests.push(t.requests);
+        t.writing = t.requests;
+        t.requests = 0;
+      }
+      if (batch.orgIds.length === 0) return;
+      let written = false;
       try {
-        await addUsage(this.db, [...batch.values()]);
+        await addUsage(this.db, batch);
+        written = true;
         if (this.failing) this.logger.info('Usage is being written to the database again');
         this.failing = false;
       } catch (err) {
-        // Put the batch back in front of anything newer, to retry on the next tick.
-        for (const [k, d] of batch) {
-          const newer = this.pending.get(k);
-          if (newer) d.requests += newer.requests;
-        }
-        this.pending = new Map([...batch, ...[...this.pending].filter(([k]) => !batch.has(k))]);
-        // Every tally held elsewhere is now either merged or back from the failed batch: all
-        // are renumbered, so holders fetch the one that counts.
-        this.batch++;
-        for (const d of this.pending.values()) d.batch = this.batch;
         if (!this.failing) this.logger.error({ err }, 'Cannot write usage to the database; keeping it to retry');
         this.failing = true;
       } finally {
-        this.flushing = null;
-        this.inFlight = null;
+        // A failed write's counts are put back, to go with the next one together with what was
+        // added meanwhile. (A tally dropped from a full table meanwhile is gone, counts and all.)
+        for (const t of this.tallies.values()) {
+          if (!written) t.requests += t.writing;
+          t.writing = 0;
+        }
       }
-    })();
+    })().finally(() => {
+      this.inFlight = null;
+    });
     return this.inFlight;
   }
 

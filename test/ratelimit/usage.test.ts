@@ -1,6 +1,6 @@
 import { describe, expect, it } from 'vitest';
 import type { Database } from '../../src/infra/database.js';
-import { findUsage } from '../../src/models/usage.model.js';
+import { addUsage, findUsage } from '../../src/models/usage.model.js';
 import { RateLimiter } from '../../src/ratelimit/limiter.js';
 import { createMemoryBackend } from '../../src/ratelimit/memory.js';
 import { utcPeriods } from '../../src/ratelimit/periods.js';
@@ -80,5 +80,48 @@ describe('usage batches', () => {
     add(1);
     await usage.flush();
     expect(await findUsage(real, t.org.id, p.day, p.month)).toEqual({ day: 11, month: 11 });
+  });
+
+  it('an org that keeps sending keeps its tally across writes; an idle one is forgotten', async () => {
+    const db = await getTestDb();
+    const busy = await createTenant(db);
+    const idle = await createTenant(db);
+    const usage = new UsageRecorder(db, silentLogger, 60_000);
+    const p = utcPeriods(Date.now());
+    const held = usage.tally(busy.org.id, p.day, p.month);
+    const idleHeld = usage.tally(idle.org.id, p.day, p.month);
+    idleHeld.requests += 2;
+    for (let i = 1; i <= 3; i++) {
+      held.requests += i;
+      await usage.flush();
+      // Written and emptied, and still the one that counts: nothing new per write.
+      expect(usage.isCurrent(held)).toBe(true);
+      expect(usage.tally(busy.org.id, p.day, p.month)).toBe(held);
+      expect(held.requests).toBe(0);
+    }
+    // The idle org's 2 were written by the first write; nothing came after, so it was let go.
+    expect(usage.isCurrent(idleHeld)).toBe(false);
+    const again = usage.tally(idle.org.id, p.day, p.month);
+    expect(again).not.toBe(idleHeld);
+    again.requests += 1;
+    await usage.flush();
+    expect(await findUsage(db, busy.org.id, p.day, p.month)).toEqual({ day: 6, month: 6 });
+    expect(await findUsage(db, idle.org.id, p.day, p.month)).toEqual({ day: 3, month: 3 });
+  });
+
+  it('a batch counts each entry toward its own day and month', async () => {
+    const db = await getTestDb();
+    const a = await createTenant(db);
+    const b = await createTenant(db);
+    await addUsage(db, {
+      orgIds: [a.org.id, a.org.id, a.org.id, b.org.id],
+      days: ['2026-01-30', '2026-01-31', '2026-02-01', '2026-01-31'],
+      requests: [1, 2, 4, 8],
+    });
+    await addUsage(db, { orgIds: [a.org.id], days: ['2026-01-31'], requests: [16] });
+    expect(await findUsage(db, a.org.id, '2026-01-31', '2026-01')).toEqual({ day: 18, month: 19 });
+    expect(await findUsage(db, a.org.id, '2026-02-01', '2026-02')).toEqual({ day: 4, month: 4 });
+    expect(await findUsage(db, b.org.id, '2026-01-31', '2026-01')).toEqual({ day: 8, month: 8 });
+    expect(await findUsage(db, b.org.id, '2026-02-01', '2026-02')).toEqual({ day: 0, month: 0 });
   });
 });
