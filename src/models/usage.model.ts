@@ -16,9 +16,9 @@ export interface UsageBatch {
 }
 
 /**
- * `{a,b,c}`: PostgreSQL's array literal of values that need no quoting (UUIDs, ISO dates, whole
- * numbers, as only this module passes). Written here rather than left to pg's array conversion,
- * which escapes every element on its own: a batch of 10,000 orgs made 30,000 strings per write.
+ * `{a,b,c}`: PostgreSQL's array literal of values that need no quoting (UUIDs, ISO dates and
+ * whole numbers: what a usage batch holds). Written here rather than left to pg's array
+ * conversion, which escapes every element on its own: 10,000 orgs made 30,000 strings per write.
  */
 const arrayLiteral = (values: readonly (string | number)[]): string => `{${values.join(',')}}`;
 

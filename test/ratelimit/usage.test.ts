@@ -11,8 +11,9 @@ import { limits } from './helpers.js';
 
 /**
  * The usage batch (src/ratelimit/usage.ts): admitted requests are counted in memory and written
- * to PostgreSQL in batches. Leased requests add to a tally the limiter keeps per org; a tally of a
- * batch that is being written, or was put back after a failed write, no longer counts.
+ * to PostgreSQL in batches. Leased requests add to a tally the limiter keeps per org; a tally
+ * stays the one that counts across writes (a failed write puts its counts back on it) until it is
+ * let go, idle through a whole interval.
  */
 
 /** The real database, with writes of usage failing while `failing.on` is set. */
