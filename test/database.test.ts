@@ -12,6 +12,7 @@ import {
   type Database,
 } from '../src/infra/database.js';
 import { getTestDb, onPostgres, openTestDatabase, testDatabaseUrl } from './helpers/db.js';
+import { startTcpProxy, type TcpProxy } from './helpers/tcpProxy.js';
 
 function capturingLogger() {
   const lines: Record<string, unknown>[] = [];
@@ -149,6 +150,54 @@ describe.skipIf(!onPostgres)('PostgreSQL pool', () => {
     await expect(db.transaction(async () => 1)).rejects.toBeInstanceOf(DatabaseUnavailableError);
     expect(await db.health(1_000)).toBe(false);
     expect(Date.now() - started).toBeLessThan(5_000);
+  });
+
+  describe('a server that stops answering without closing the connection', () => {
+    // The bound is the statement timeout plus 1 s, checked every tenth of it (StatementWatch).
+    const STATEMENT_TIMEOUT_MS = 300;
+    const BOUND_MS = STATEMENT_TIMEOUT_MS + 1_000;
+    let proxy: TcpProxy;
+    afterAll(async () => {
+      await proxy?.close();
+    });
+
+    it('fails the waiting query as unavailable soon after the bound, and the pool serves again once the network is back', async () => {
+      const target = new URL(testDatabaseUrl!);
+      proxy = await startTcpProxy(target.hostname, Number(target.port || 5432));
+      const { db } = open({ url: proxy.urlFor(testDatabaseUrl!), statementTimeoutMs: STATEMENT_TIMEOUT_MS });
+      // The pool's one connection is open and used once before the network goes quiet.
+      const before = await db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      proxy.blackhole();
+      const started = performance.now();
+      const err: unknown = await db.query('SELECT 1').catch((e: unknown) => e);
+      const waited = performance.now() - started;
+      expect(err).toBeInstanceOf(DatabaseUnavailableError);
+      expect(String((err as DatabaseUnavailableError).cause)).toMatch(/Query read timeout/);
+      expect(waited).toBeGreaterThanOrEqual(BOUND_MS - 50);
+      expect(waited).toBeLessThan(BOUND_MS + 1_000);
+
+      await proxy.start();
+      const after = await db.query<{ pid: number }>('SELECT pg_backend_pid() AS pid');
+      // The stuck connection was dropped: the answer comes on a new one.
+      expect(after.rows[0]!.pid).not.toBe(before.rows[0]!.pid);
+    });
+
+    it('leaves alone statements that answer within the bound, however long their transaction takes', async () => {
+      const { db } = open({ statementTimeoutMs: STATEMENT_TIMEOUT_MS });
+      const started = performance.now();
+      // Six statements of 0.25 s each, in one transaction on one connection: 1.5 s in all, longer
+      // than the bound, each of them well within it.
+      const pids = await db.transaction(async (tx) => {
+        const seen: number[] = [];
+        for (let i = 0; i < 6; i++) {
+          const { rows } = await tx.query<{ pid: number }>('SELECT pg_backend_pid() AS pid, pg_sleep(0.25)');
+          seen.push(rows[0]!.pid);
+        }
+        return seen;
+      });
+      expect(performance.now() - started).toBeGreaterThan(BOUND_MS);
+      expect(new Set(pids).size).toBe(1);
+    });
   });
 
   it('keeps syntax errors as they are (a bug, not an outage)', async () => {
