@@ -46,8 +46,9 @@ function usage(buildIfStale: boolean): string {
   --warmup N        seconds of load before each measurement, not counted (default 1)
   --connections N   concurrent connections (default 50)
   --rounds N        run the whole sequence of cases N times and report each case's median
-                    round (default 1; use 3 or 5 on a machine that is not idle)
-  --quick           1 s per case and 0.5 s warm-up: proves the benchmark works (CI)
+                    round (default 3: a single run of a case moves by 10-15 %, from one server
+                    process to the next; use 5 on a machine that is not idle, 1 for one pass)
+  --quick           1 s per case, 0.5 s warm-up and one round: proves the benchmark works (CI)
   --only ID,ID      run only these cases (and the reference), e.g. --only me,refused
   --server MODE     auto (default): dist/server.js if it is newer than every file in src/,
                     else ${buildIfStale ? 'npm run build first' : 'the sources through tsx'}; tsx; dist`;
@@ -105,7 +106,7 @@ export function parseOptions(argv: string[], extraHelp: string[] = [], buildIfSt
     durationS: Math.round(num('duration', values.duration, quick ? 1 : 10, 1, 600)),
     warmupS: num('warmup', values.warmup, quick ? 0.5 : 1, 0, 60),
     connections: Math.round(num('connections', values.connections, 50, 1, 10_000)),
-    rounds: Math.round(num('rounds', values.rounds, 1, 1, 100)),
+    rounds: Math.round(num('rounds', values.rounds, quick ? 1 : 3, 1, 100)),
     server,
     only: values.only ? values.only.split(',').map((id) => id.trim()).filter((id) => id !== '') : null,
   };
@@ -744,8 +745,21 @@ export interface CaseResult {
   /** p99 over the reference's p99 in the same round. */
   p99RatioToReference: number | null;
   parts: PartResult[];
-  /** Only in the summary of several rounds: the lowest and highest req/s, and every round's ratios. */
-  rounds?: { count: number; requestsPerSecondMin: number; requestsPerSecondMax: number; ratios: number[]; p99Ratios: number[] };
+  /**
+   * Only in the summary of several rounds: the lowest and highest req/s, every round's ratios, and
+   * the worst of every round where a target reads one: the highest RSS, and the 429s and errors
+   * (connection errors, timeouts, other non-2xx) of all rounds together.
+   */
+  rounds?: {
+    count: number;
+    requestsPerSecondMin: number;
+    requestsPerSecondMax: number;
+    ratios: number[];
+    p99Ratios: number[];
+    rssMbMax: number | null;
+    status429: number;
+    errors: number;
+  };
   rssMb: number | null;
   peakRssMb: number | null;
   redisCalls: Record<string, number> | null;
@@ -1046,7 +1060,7 @@ function median(values: number[]): number {
  * the median (the lower of the two middle ones for an even count), its ratios replaced by the
  * medians of all rounds' ratios, and every round's problems.
  */
-function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
+export function summarize(cases: Pick<BenchCase, 'id'>[], rounds: CaseResult[][]): CaseResult[] {
   const out: CaseResult[] = [];
   for (const c of cases) {
     const all = rounds.map((round) => round.find((r) => r.id === c.id)).filter((r): r is CaseResult => r !== undefined);
@@ -1060,6 +1074,8 @@ function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
     const rps = measured.map((r) => r.measurement!.requestsPerSecond.mean);
     const ratios = all.map((r) => r.ratioToReference).filter((x): x is number => x !== null);
     const p99Ratios = all.map((r) => r.p99RatioToReference).filter((x): x is number => x !== null);
+    const rss = all.map((r) => r.rssMb).filter((x): x is number => x !== null);
+    const sum = (f: (m: Measurement) => number) => measured.reduce((n, r) => n + f(r.measurement!), 0);
     out.push({
       ...pick,
       ratioToReference: ratios.length > 0 ? Math.round(median(ratios) * 1000) / 1000 : null,
@@ -1070,6 +1086,9 @@ function summarize(cases: BenchCase[], rounds: CaseResult[][]): CaseResult[] {
         requestsPerSecondMax: rps.length > 0 ? Math.max(...rps) : 0,
         ratios,
         p99Ratios,
+        rssMbMax: rss.length > 0 ? Math.max(...rss) : null,
+        status429: sum((m) => m.status['429']),
+        errors: sum((m) => m.errors + m.status.otherNon2xx),
       },
       problems: all.flatMap((r, i) => r.problems.map((p) => `round ${i + 1}: ${p}`)),
     });

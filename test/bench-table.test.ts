@@ -1,5 +1,5 @@
 import { describe, expect, it } from 'vitest';
-import { applyRatios, table, type CaseResult, type Measurement } from '../bench/harness.js';
+import { applyRatios, summarize, table, type CaseResult, type Measurement } from '../bench/harness.js';
 
 // The benchmark's own arithmetic and table: no server, no load.
 
@@ -68,6 +68,32 @@ describe('bench ratios', () => {
     const results = [row('ref', null), row('me', measurement(6_000, 5_000))];
     applyRatios(results, 'ref');
     expect(results[1]).toMatchObject({ ratioToReference: null, p99RatioToReference: null });
+  });
+});
+
+describe('bench rounds', () => {
+  const round = (rps: number, ratio: number, extra: Partial<CaseResult>, status: Partial<Measurement['status']> = {}, errors = 0) =>
+    row('t10k', { ...measurement(rps, 2_000, status), errors }, { ratioToReference: ratio, ...extra });
+
+  it("shows the median round, with the median ratio, and the worst of every round where a target reads one", () => {
+    const [summary] = summarize(
+      [{ id: 't10k' }],
+      [
+        [round(100, 0.9, { rssMb: 180 })],
+        [round(90, 0.7, { rssMb: 205 }, { '429': 2, otherNon2xx: 1 })],
+        [round(110, 0.8, { rssMb: 190 }, {}, 3)],
+      ],
+    );
+    // The round of 100 req/s, its RSS and counts; the ratio is the median of 0.9, 0.7 and 0.8.
+    expect(summary!.measurement!.requestsPerSecond.mean).toBe(100);
+    expect(summary!.rssMb).toBe(180);
+    expect(summary!.ratioToReference).toBe(0.8);
+    expect(summary!.rounds).toMatchObject({ count: 3, requestsPerSecondMin: 90, requestsPerSecondMax: 110, rssMbMax: 205, status429: 2, errors: 4 });
+  });
+
+  it('with one round, is that round as it is', () => {
+    const only = round(100, 0.9, { rssMb: 180 });
+    expect(summarize([{ id: 't10k' }], [[only]])).toEqual([only]);
   });
 });
 
